@@ -1,0 +1,67 @@
+"""The typed schema behind conf/: one dataclass per config group, each owned by its stage.
+
+Hydra merges every group's YAML onto these dataclasses, so a wrong type or an unknown enum
+value fails at composition time, naming the key and the allowed values, before anything loads.
+``to_typed`` adds the checks a type cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from probe_sweep.activations import ActivationsConfig
+from probe_sweep.bases import BasisConfig
+from probe_sweep.data import DataConfig
+from probe_sweep.errors import UserError
+from probe_sweep.layers import LayersConfig
+from probe_sweep.model import ModelConfig
+from probe_sweep.probes import ProbeConfig, ProbeKind, RegConfig, RegKind
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    seed: int = 0
+    device: str = "auto"
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="probe_sweep_schema", node=Config)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def to_typed(cfg: DictConfig) -> Config:
+    """The composed config as plain dataclasses, with value checks a type cannot express."""
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    data, probe, reg = config.data, config.probe, config.reg
+    _check(reg.strength >= 0, f"reg.strength={reg.strength} is negative; use a value >= 0")
+    _check(
+        not (probe.kind is ProbeKind.ridge and reg.kind is RegKind.l1),
+        "probe=ridge has a closed form only with reg=l2 or reg=none; choose one of those",
+    )
+    _check(data.token_budget > 0, "data.token_budget must be a positive number of tokens")
+    _check(data.seq_len > 0, "data.seq_len must be positive")
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(data, name)
+        _check(0 < value < 1, f"data.{name}={value} must lie strictly between 0 and 1")
+    _check(probe.batch_size > 0 and probe.lr > 0, "probe.batch_size and probe.lr must be > 0")
+    _check(probe.max_epochs > 0 and probe.patience > 0, "probe.max_epochs/patience must be > 0")
+    _check(config.activations.batch_size > 0, "activations.batch_size must be > 0")
+    _check(
+        config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:"),
+        f"device={config.device!r} is not one of auto, cpu, cuda, cuda:<index>",
+    )
+    return config

@@ -1,0 +1,178 @@
+"""Stage 2: the corpus, as fixed-length token sequences split into train/val/test by sequence.
+
+Splitting by sequence (never by token) keeps neighbouring tokens of one passage on the same side,
+so held-out scores are not inflated by context shared across the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import transformers
+
+from probe_sweep.errors import UserError
+
+TRAIN, VAL, TEST = 0, 1, 2
+
+
+class CorpusSource(Enum):
+    python_docs = "python_docs"
+    text_files = "text_files"
+    hf_dataset = "hf_dataset"
+
+
+@dataclass
+class DataConfig:
+    """Which text, how many tokens, how long the sequences, how the split is drawn."""
+
+    source: CorpusSource = CorpusSource.python_docs
+    paths: list[str] = field(default_factory=list)
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    token_budget: int = 40_000
+    seq_len: int = 128
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class Corpus:
+    """``input_ids`` (n_seq, seq_len) as fed to the model; ``content`` marks the positions that
+    hold corpus tokens (not [CLS]/[SEP]); ``split`` gives each sequence TRAIN, VAL or TEST."""
+
+    input_ids: np.ndarray
+    content: np.ndarray
+    split: np.ndarray
+    description: str
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Token ids at content positions, (n_seq, n_content)."""
+        return self.input_ids[:, self.content]
+
+    def rows(self, part: int) -> np.ndarray:
+        """Indices of the flattened content tokens that belong to split ``part``."""
+        n_content = int(self.content.sum())
+        seqs = np.flatnonzero(self.split == part)
+        return (seqs[:, None] * n_content + np.arange(n_content)).reshape(-1)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.input_ids.astype(np.int64).tobytes()).hexdigest()
+
+
+def python_docs_texts() -> Iterator[str]:
+    """The Python language reference as shipped in every CPython (``pydoc_data.topics``):
+    real English technical prose, present on every machine, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+
+
+def text_file_texts(paths: list[str]) -> Iterator[str]:
+    if not paths:
+        raise UserError("data=text_files needs files: pass data.paths='[a.txt,b.txt]'")
+    missing = [p for p in paths if not Path(p).expanduser().is_file()]
+    if missing:
+        raise UserError(f"data.paths: no such file {missing[0]!r}; pass existing text files")
+    for path in paths:
+        yield Path(path).expanduser().read_text(encoding="utf-8", errors="replace")
+
+
+def hf_dataset_texts(cfg: DataConfig) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise UserError("data=hf_dataset needs the datasets package: pip install -e '.[hf]'") from exc
+    if not cfg.hf_name:
+        raise UserError("data=hf_dataset needs data.hf_name=<dataset id>")
+    try:
+        stream = datasets.load_dataset(
+            cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True
+        )
+    except Exception as exc:
+        raise UserError(
+            f"dataset {cfg.hf_name!r} could not be loaded ({type(exc).__name__}); it needs the hub "
+            "or a local cache: use the offline data=python_docs or data=text_files"
+        ) from exc
+    for row in stream:
+        yield row[cfg.hf_text_field]
+
+
+def corpus_texts(cfg: DataConfig) -> Iterator[str]:
+    if cfg.source is CorpusSource.python_docs:
+        return python_docs_texts()
+    if cfg.source is CorpusSource.text_files:
+        return text_file_texts(list(cfg.paths))
+    return hf_dataset_texts(cfg)
+
+
+def special_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (BERT: [CLS] / [SEP]; GPT-2: none)."""
+    bare = tokenizer("probe", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("probe", add_special_tokens=True)["input_ids"]
+    start = next(i for i in range(len(wrapped)) if wrapped[i : i + len(bare)] == bare)
+    return wrapped[:start], wrapped[start + len(bare) :]
+
+
+def build_corpus(
+    cfg: DataConfig,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    max_positions: int,
+    seed: int,
+) -> Corpus:
+    """Tokenize until ``token_budget`` content tokens, cut into sequences, split by sequence."""
+    if cfg.seq_len > max_positions:
+        raise UserError(
+            f"data.seq_len={cfg.seq_len} exceeds the model's maximum of {max_positions} positions; "
+            f"set data.seq_len<={max_positions}"
+        )
+    prefix, suffix = special_tokens(tokenizer)
+    n_content = cfg.seq_len - len(prefix) - len(suffix)
+    if n_content < 1:
+        raise UserError(f"data.seq_len={cfg.seq_len} leaves no room for tokens; raise it")
+    n_seq = cfg.token_budget // n_content
+    needed = n_seq * n_content
+
+    stream: list[int] = []
+    for text in corpus_texts(cfg):
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if len(stream) >= needed:
+            break
+    if n_seq < 3 or len(stream) < needed:
+        raise UserError(
+            f"the {cfg.source.value} corpus has {len(stream)} tokens, fewer than "
+            f"data.token_budget={cfg.token_budget} (at least 3 sequences of {n_content}); "
+            "lower the budget or add text"
+        )
+
+    chunks = np.asarray(stream[:needed], dtype=np.int64).reshape(n_seq, n_content)
+    input_ids = np.concatenate(
+        [np.tile(prefix, (n_seq, 1)), chunks, np.tile(suffix, (n_seq, 1))], axis=1
+    ).astype(np.int64)
+    content = np.zeros(cfg.seq_len, dtype=bool)
+    content[len(prefix) : len(prefix) + n_content] = True
+    split = np.full(n_seq, TRAIN, dtype=np.int8)
+    order = np.random.default_rng(seed).permutation(n_seq)
+    n_test = max(1, round(n_seq * cfg.test_fraction))
+    n_val = max(1, round(n_seq * cfg.val_fraction))
+    if n_test + n_val >= n_seq:
+        raise UserError(
+            f"{n_seq} sequences cannot hold train, val and test splits; raise data.token_budget "
+            "or lower data.val_fraction / data.test_fraction"
+        )
+    split[order[:n_test]] = TEST
+    split[order[n_test : n_test + n_val]] = VAL
+    return Corpus(
+        input_ids=input_ids,
+        content=content,
+        split=split,
+        description=f"{cfg.source.value}: {n_seq} sequences x {n_content} tokens",
+    )

