@@ -76,9 +76,16 @@ def fit_probe(
     if config.probe.kind is ProbeKind.ridge:
         return fit_ridge_probe(x_train, y_train, class_embeddings, config.reg)
     return fit_softmax_probe(
-        x_train, y_train, x_val, y_val, len(class_embeddings), config.reg, config.probe,
-        config.seed, desc,
-    )  # fmt: skip
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        len(class_embeddings),
+        config.reg,
+        config.probe,
+        config.seed,
+        desc,
+    )
 
 
 def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -89,8 +96,14 @@ def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str
     info = inspect_model(config.model, len(tokenizer))
     layers = resolve_layers(config.layers, info.n_layers)
     corpus: Corpus = build_corpus(config.data, tokenizer, info.max_positions, config.seed)
-    log.info("Model %s (%d layers, d=%d) on %s; corpus %s", info.name, info.n_layers,
-             info.d_model, device, corpus.description)  # fmt: skip
+    log.info(
+        "Model %s (%d layers, d=%d) on %s; corpus %s",
+        info.name,
+        info.n_layers,
+        info.d_model,
+        device,
+        corpus.description,
+    )
 
     model = load_model(config.model, len(tokenizer), device, config.seed)
     store = extract(model, corpus, layers, config.activations, device)
@@ -120,16 +133,30 @@ def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str
     if config.layers.mode is LayerMode.pooled:
         train_layers = pooled_assignment(len(rows[TRAIN]), layers, config.seed)
         val_layers = pooled_assignment(len(rows[VAL]), layers, config.seed + 1)
-        fit = fit_probe(config, inputs(TRAIN, train_layers), labels[TRAIN],
-                        inputs(VAL, val_layers), labels[VAL], class_embeddings, "pooled probe")  # fmt: skip
+        fit = fit_probe(
+            config,
+            inputs(TRAIN, train_layers),
+            labels[TRAIN],
+            inputs(VAL, val_layers),
+            labels[VAL],
+            class_embeddings,
+            "pooled probe",
+        )
         fits["pooled"] = fit
         for layer in layers:
             scores = score_probe(fit.probe, inputs(TEST, layer), labels[TEST], frequent)
             results.append({"layer": layer, "probe": "pooled", **scores})
     else:
         for layer in layers:
-            fit = fit_probe(config, inputs(TRAIN, layer), labels[TRAIN], inputs(VAL, layer),
-                            labels[VAL], class_embeddings, f"layer {layer} probe")  # fmt: skip
+            fit = fit_probe(
+                config,
+                inputs(TRAIN, layer),
+                labels[TRAIN],
+                inputs(VAL, layer),
+                labels[VAL],
+                class_embeddings,
+                f"layer {layer} probe",
+            )
             fits[f"layer_{layer}"] = fit
             scores = score_probe(fit.probe, inputs(TEST, layer), labels[TEST], frequent)
             results.append({"layer": layer, "probe": f"layer_{layer}", **scores})
@@ -145,8 +172,10 @@ def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str
         if fit.map_weight is not None:
             tensors[f"{name}.map_weight"] = fit.map_weight
     tracking.write_tensors(out_dir / "probes.safetensors", tensors, {"basis": basis.name})
-    title = (f"{info.name}: {config.probe.kind.value} probe, {config.layers.mode.value} layers, "
-             f"{basis.name} basis, {config.reg.kind.value} {config.reg.strength:g}")  # fmt: skip
+    title = (
+        f"{info.name}: {config.probe.kind.value} probe, {config.layers.mode.value} layers, "
+        f"{basis.name} basis, {config.reg.kind.value} {config.reg.strength:g}"
+    )
     tracking.plot_accuracy_by_layer(results, out_dir / "accuracy_by_layer.png", title)
     metrics = {
         "schema_version": tracking.SCHEMA_VERSION,

@@ -7,7 +7,7 @@ value fails at composition time, naming the key and the allowed values, before a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +46,16 @@ def _check(ok: bool, message: str) -> None:
 def to_typed(cfg: DictConfig) -> Config:
     """The composed config as plain dataclasses, with value checks a type cannot express."""
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    for group in fields(Config):
+        node = cfg.get(group.name)
+        if isinstance(node, DictConfig):
+            known = {f.name for f in fields(getattr(config, group.name))}
+            unknown = sorted(set(node.keys()) - known)
+            _check(
+                not unknown,
+                f"{group.name}.{unknown[0] if unknown else ''} is not a setting; "
+                f"known {group.name} settings: {', '.join(sorted(known))}",
+            )
     data, probe, reg = config.data, config.probe, config.reg
     _check(reg.strength >= 0, f"reg.strength={reg.strength} is negative; use a value >= 0")
     _check(

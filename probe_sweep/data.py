@@ -90,7 +90,9 @@ def hf_dataset_texts(cfg: DataConfig) -> Iterator[str]:
     try:
         import datasets
     except ImportError as exc:
-        raise UserError("data=hf_dataset needs the datasets package: pip install -e '.[hf]'") from exc
+        raise UserError(
+            "data=hf_dataset needs the datasets package: pip install -e '.[hf]'"
+        ) from exc
     if not cfg.hf_name:
         raise UserError("data=hf_dataset needs data.hf_name=<dataset id>")
     try:

@@ -67,15 +67,16 @@ def resolve_location(location: str) -> str:
     package, _, subdir = location[len(PACKAGE_PREFIX) :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"model package {package!r} is not installed; run `pip install {package.replace('_', '-')}`"
-        )
+        wheel = package.replace("_", "-")
+        raise UserError(f"model package {package!r} is not installed; run `pip install {wheel}`")
     return os.path.join(list(spec.submodule_search_locations)[0], subdir)
 
 
 def _from_pretrained(loader: Any, location: str, revision: str, what: str) -> Any:
     """Call ``loader.from_pretrained`` and turn "not found" into one actionable line."""
     resolved = resolve_location(location)
+    if resolved.startswith((".", "/", "~")) and not os.path.isdir(resolved):
+        raise UserError(f"{what} directory {resolved!r} does not exist; check model.path")
     try:
         return loader.from_pretrained(resolved, revision=revision)
     except (OSError, ValueError) as exc:

