@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from probe_sweep import tracking
+from probe_sweep import jobs, tracking, tuning
 from probe_sweep.activations import ActivationStore, extract
 from probe_sweep.bases import Basis, build_basis
 from probe_sweep.config import Config, register_schema, to_typed
@@ -74,7 +76,10 @@ def fit_probe(
     desc: str,
 ) -> FitResult:
     if config.probe.kind is ProbeKind.ridge:
-        return fit_ridge_probe(x_train, y_train, class_embeddings, config.reg)
+        return fit_ridge_probe(
+            x_train, y_train, class_embeddings, config.reg, (x_val, y_val),
+            config.probe.path_strengths,
+        )  # fmt: skip
     return fit_softmax_probe(
         x_train,
         y_train,
@@ -88,8 +93,25 @@ def fit_probe(
     )
 
 
-def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """One job: every stage in order; returns the metrics written to ``out_dir/metrics.json``."""
+def ridge_path(fits: dict[str, FitResult], strengths: list[float]) -> dict[str, Any] | None:
+    """Validation NLL along the ridge path, averaged over the fitted probes (as the objective)."""
+    paths = [fit.path for fit in fits.values() if fit.path]
+    if not paths:
+        return None
+    mean = [float(np.mean([p[i]["val_nll"] for p in paths])) for i in range(len(strengths))]
+    return {"strengths": list(strengths), "val_nll": mean}
+
+
+def run_job(
+    config: Config,
+    resolved: dict[str, Any],
+    out_dir: Path,
+    on_layer: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """One job: every stage in order; returns the metrics written to ``out_dir/metrics.json``.
+
+    ``on_layer(step, row)`` is called as each layer is scored (a tuner may stop the job there).
+    """
     started = time.perf_counter()
     device = pick_device(config.device)
     tokenizer = load_tokenizer(config.model)
@@ -121,12 +143,24 @@ def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str
     lookup = class_index(classes, info.vocab_size)
     labels = {p: torch.from_numpy(lookup[targets[r]]).to(device) for p, r in rows.items()}
     frequent_set = frequent_types(train_tokens)
-    frequent = torch.from_numpy(np.isin(targets[rows[TEST]], frequent_set)).to(device)
+    frequent = {
+        p: torch.from_numpy(np.isin(targets[r], frequent_set)).to(device) for p, r in rows.items()
+    }
     class_embeddings = embedding[torch.from_numpy(classes)].to(device)
 
     def inputs(part: int, layer_of_row: np.ndarray | int) -> torch.Tensor:
         row_layers = np.broadcast_to(np.asarray(layer_of_row), rows[part].shape)
         return gather(store, basis, rows[part], row_layers, device)
+
+    def evaluate(fit: FitResult, layer: int, name: str) -> dict[str, Any]:
+        """Test-split scores (reported) plus validation-split NLL/top-1 (what tuning may use)."""
+        val = score_probe(fit.probe, inputs(VAL, layer), labels[VAL], frequent[VAL])
+        scores = score_probe(fit.probe, inputs(TEST, layer), labels[TEST], frequent[TEST])
+        row = {"layer": layer, "probe": name, **scores}
+        row.update(val_nll=val["nll"], val_top1=val["top1"])
+        if on_layer is not None:
+            on_layer(len(results), row)
+        return row
 
     fits: dict[str, FitResult] = {}
     results: list[dict[str, Any]] = []
@@ -144,8 +178,7 @@ def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str
         )
         fits["pooled"] = fit
         for layer in layers:
-            scores = score_probe(fit.probe, inputs(TEST, layer), labels[TEST], frequent)
-            results.append({"layer": layer, "probe": "pooled", **scores})
+            results.append(evaluate(fit, layer, "pooled"))
     else:
         for layer in layers:
             fit = fit_probe(
@@ -158,8 +191,7 @@ def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str
                 f"layer {layer} probe",
             )
             fits[f"layer_{layer}"] = fit
-            scores = score_probe(fit.probe, inputs(TEST, layer), labels[TEST], frequent)
-            results.append({"layer": layer, "probe": f"layer_{layer}", **scores})
+            results.append(evaluate(fit, layer, f"layer_{layer}"))
     for row in results:
         history = fits[row["probe"]].history
         row["epochs"] = len(history)
@@ -212,6 +244,7 @@ def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str
             "fit": round(fitted - extracted, 2),
         },
         "layers": results,
+        "ridge_path": ridge_path(fits, config.probe.path_strengths),
         "config": resolved,
     }
     tracking.write_json(out_dir / "metrics.json", metrics)
@@ -220,17 +253,52 @@ def run_job(config: Config, resolved: dict[str, Any], out_dir: Path) -> dict[str
 
 
 register_schema()
+jobs.prepare_launchers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+def main(cfg: DictConfig) -> float | None:
+    """Run one job; return the tuning objective (what an Optuna sweep optimises)."""
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    # In a multirun a failed job writes failed.json and returns, so the other jobs still run.
+    multirun = hydra_cfg.mode is RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
     try:
         config = to_typed(cfg)
-        run_job(config, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), out_dir)  # type: ignore[arg-type]
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        key = jobs.job_key(resolved, tracking.SCHEMA_VERSION)  # type: ignore[arg-type]
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        done = jobs.find_complete(sweep_dir, key) if multirun and not config.redo else None
+        if done is not None:
+            log.info("Skipped: complete results for this config in %s (redo=true reruns)", done)
+            jobs.note_skipped(out_dir, done, key)
+            return
+        jobs.clear_markers(out_dir, config.redo)
+        with jobs.claim_gpu(config.device) as device:
+            config.device = device
+            reporter = tuning.trial_reporter(config.tuning)
+            metrics = run_job(config, resolved, out_dir, reporter)  # type: ignore[arg-type]
+        # Written last: a metrics.json with a "job" section marks the results complete.
+        metrics["job"] = jobs.job_info(key, overrides)
+        jobs.write_json(out_dir / "metrics.json", metrics)
+        # After metrics.json is on disk; never raises (a W&B failure is one warning line).
+        job = tracking.JobInfo.from_hydra(HydraConfig.get())
+        tracking.track_job(config.tracker, job, resolved)  # type: ignore[arg-type]
+        return tuning.objective(metrics["layers"], config.tuning)
     except UserError as exc:
         log.error("error: %s", exc)
-        sys.exit(2)
+        jobs.write_failed(out_dir, exc, overrides)
+        if not multirun:
+            sys.exit(2)
+    except Exception as exc:
+        if tuning.is_pruned(exc):
+            log.info("Trial pruned by the study: %s", exc)
+            raise  # the Optuna sweeper records the trial as pruned
+        jobs.write_failed(out_dir, exc, overrides)
+        if not multirun:
+            raise
+        log.exception("error: %s: %s", type(exc).__name__, exc)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ A cache entry is a directory ``<cache_dir>/<key>/`` holding ``layer_<l>.npy`` (r
 tokens in corpus order, columns = model width) and ``meta.json``. The key hashes everything the
 numbers depend on. Entries are written under a temporary name and renamed when complete, so a
 killed job never leaves a directory that looks finished.
+
+Many jobs share one cache (a sweep over bases or probes needs the same hidden states): a file lock
+per key (``.tmp-<key>.lock``, an flock that the kernel drops when its holder dies, also on NFS)
+lets exactly one job compute an entry while the others wait and then reuse it. The lock holder
+first removes temporary directories that killed jobs left for the same key.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from probe_sweep.data import Corpus
@@ -121,17 +127,30 @@ def extract(
         return existing
 
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    lock = FileLock(str(root / f".tmp-{key}.lock"))
     try:
-        _write_layers(model, corpus, meta, tmp, cfg.batch_size, device)
-        (tmp / META).write_text(json.dumps(meta, indent=2))
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("Waiting for another job to finish extracting activations %s", final)
+        lock.acquire()
+    try:
+        existing = open_store(final, meta)
+        if existing is not None:
+            log.info("Reusing cached activations %s (computed by another job)", final)
+            return existing
+        for stale in root.glob(f".tmp-{key}-*"):
+            log.info("Removing %s, left by a job that died mid-extraction", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
         try:
+            _write_layers(model, corpus, meta, tmp, cfg.batch_size, device)
+            (tmp / META).write_text(json.dumps(meta, indent=2))
             os.rename(tmp, final)
-        except OSError:
-            log.info("Another job finished %s first; using its copy", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
     log.info("Cached activations for %d layers at %s", len(layers), final)
     store = open_store(final, meta)
     assert store is not None

@@ -19,6 +19,8 @@ from probe_sweep.errors import UserError
 from probe_sweep.layers import LayersConfig
 from probe_sweep.model import ModelConfig
 from probe_sweep.probes import ProbeConfig, ProbeKind, RegConfig, RegKind
+from probe_sweep.tracking import TrackerConfig
+from probe_sweep.tuning import TuningConfig, check_objective
 
 
 @dataclass
@@ -30,8 +32,12 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     reg: RegConfig = field(default_factory=RegConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
     seed: int = 0
     device: str = "auto"
+    # Multirun: rerun jobs whose complete results already exist under the sweep dir.
+    redo: bool = False
 
 
 def register_schema() -> None:
@@ -70,6 +76,7 @@ def to_typed(cfg: DictConfig) -> Config:
     _check(probe.batch_size > 0 and probe.lr > 0, "probe.batch_size and probe.lr must be > 0")
     _check(probe.max_epochs > 0 and probe.patience > 0, "probe.max_epochs/patience must be > 0")
     _check(config.activations.batch_size > 0, "activations.batch_size must be > 0")
+    check_objective(config.tuning)
     _check(
         config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:"),
         f"device={config.device!r} is not one of auto, cpu, cuda, cuda:<index>",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
@@ -48,6 +48,8 @@ class ProbeConfig:
     lr: float = 0.01
     max_epochs: int = 30
     patience: int = 2
+    # ridge only: strengths at which the whole regularisation path is scored on validation
+    path_strengths: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class FitResult:
     probe: LinearProbe
     history: list[dict[str, float]]
     map_weight: torch.Tensor | None = None
+    path: list[dict[str, float]] = field(default_factory=list)
 
 
 def class_index(classes: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -177,38 +180,66 @@ def fit_softmax_probe(
     return FitResult(probe=probe, history=history)
 
 
+class RidgePath:
+    """Closed-form ridge probes at any strength from one eigendecomposition.
+
+    The map from the (standardised) hidden state to the embedding row of its class is
+    ``A(s) = Q diag(1 / (lambda + s)) Q^T X^T Y / n`` with ``X^T X / n = Q diag(lambda) Q^T``, so
+    each strength costs one matrix product. Decoding: logits_c = -||x A + b - e_c||^2 / (2 sigma^2)
+    up to a constant, with sigma^2 the mean squared training residual per dimension.
+    """
+
+    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, embeddings: torch.Tensor):
+        keep = y_train >= 0
+        x_train, y_train = x_train[keep], y_train[keep]
+        self.mean, self.scale = _standardisation(x_train)
+        self.xs = (x_train - self.mean) / self.scale
+        self.targets = embeddings[y_train]
+        self.target_mean = self.targets.mean(0)
+        self.class_embeddings = embeddings
+        n = len(self.xs)
+        self.eigvals, self.eigvecs = torch.linalg.eigh(self.xs.T @ self.xs / n)
+        self.eig_cross = self.eigvecs.T @ (self.xs.T @ (self.targets - self.target_mean) / n)
+
+    def fit(self, strength: float) -> FitResult:
+        inverse = 1.0 / (self.eigvals.clamp_min(0) + strength).clamp_min(1e-10)
+        map_weight = self.eigvecs @ (inverse[:, None] * self.eig_cross)
+        residual = self.xs @ map_weight + self.target_mean - self.targets
+        sigma2 = residual.pow(2).mean().clamp_min(1e-12)
+        emb = self.class_embeddings
+        weight = (emb @ map_weight.T) / sigma2
+        bias = (emb @ self.target_mean - 0.5 * emb.pow(2).sum(1)) / sigma2
+        probe = LinearProbe(weight, bias, self.mean, self.scale)
+        return FitResult(probe=probe, history=[], map_weight=map_weight.T.contiguous())
+
+
 def fit_ridge_probe(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
     class_embeddings: torch.Tensor,
     reg: RegConfig,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    path_strengths: list[float] | tuple[float, ...] = (),
 ) -> FitResult:
-    """Closed-form map from the (standardised) hidden state to the embedding row of its class.
+    """The ridge probe at ``reg.strength`` (l2) or unregularised (none); see ``RidgePath``.
 
-    Solved through one eigendecomposition of the input covariance, so every strength costs one
-    matrix product. Decoding: logits_c = -||x A + b - e_c||^2 / (2 sigma^2) up to a constant,
-    with sigma^2 the mean squared training residual per dimension.
-    """
+    With ``validation`` and ``path_strengths``, also the validation NLL at every strength of
+    the path, from the same decomposition (``FitResult.path``)."""
     if reg.kind is RegKind.l1:
         raise UserError("probe=ridge has a closed form only for reg=l2 or reg=none; use l2")
-    keep = y_train >= 0
-    x_train, y_train = x_train[keep], y_train[keep]
-    mean, scale = _standardisation(x_train)
-    xs = (x_train - mean) / scale
-    targets = class_embeddings[y_train]
-    target_mean = targets.mean(0)
-    n = len(xs)
-    eigvals, eigvecs = torch.linalg.eigh(xs.T @ xs / n)
-    strength = reg.strength if reg.kind is RegKind.l2 else 0.0
-    inverse = 1.0 / (eigvals.clamp_min(0) + strength).clamp_min(1e-10)
-    cross = xs.T @ (targets - target_mean) / n
-    map_weight = eigvecs @ (inverse[:, None] * (eigvecs.T @ cross))
-    residual = xs @ map_weight + target_mean - targets
-    sigma2 = residual.pow(2).mean().clamp_min(1e-12)
-    weight = (class_embeddings @ map_weight.T) / sigma2
-    bias = (class_embeddings @ target_mean - 0.5 * class_embeddings.pow(2).sum(1)) / sigma2
-    probe = LinearProbe(weight, bias, mean, scale)
-    return FitResult(probe=probe, history=[], map_weight=map_weight.T.contiguous())
+    solver = RidgePath(x_train, y_train, class_embeddings)
+    result = solver.fit(reg.strength if reg.kind is RegKind.l2 else 0.0)
+    if validation is not None:
+        x_val, y_val = validation
+        everything = torch.ones(len(x_val), dtype=torch.bool, device=x_val.device)
+        result.path = [
+            {
+                "strength": s,
+                "val_nll": score_probe(solver.fit(s).probe, x_val, y_val, everything)["nll"],
+            }
+            for s in path_strengths
+        ]
+    return result
 
 
 @torch.no_grad()

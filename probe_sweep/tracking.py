@@ -1,16 +1,27 @@
-"""Stage 7: a job's results, written to its output directory.
+"""Stage 7: a job's results, written to its output directory, then tracked in Weights & Biases.
 
 Files (``metrics.json`` last, so its presence means the job finished):
 - ``probes.safetensors``: probe tensors, ``<name>.weight`` / ``.bias`` / ``.mean`` / ``.scale``
   (and ``.map_weight`` for ridge), plus ``classes`` (the token id of each weight row).
 - ``accuracy_by_layer.png``: held-out accuracy against depth.
 - ``metrics.json``: the schema documented in the README.
+
+After ``metrics.json``, ``track_job`` draws the probe weights (``probe_weights.png``,
+``probe_weight_mass.png``) and logs the job, read back from those files, as one W&B run; it
+writes ``wandb_run.json`` (where the run went) and never raises: a tracking failure is one log
+line, and the results on disk are untouched. ``wandb`` is imported here only, and lazily.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +29,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 SCHEMA_VERSION = 1
+log = logging.getLogger("probe_sweep.tracking")
 
 
 def _atomic(path: Path) -> Path:
@@ -80,3 +94,485 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 cells.append(f"{value!s:>13}")
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+# --- Weights & Biases -------------------------------------------------------------------------
+
+
+class TrackerMode(Enum):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class TrackerConfig:
+    """One W&B run per job. ``mode=auto``: online when an API key is configured (WANDB_API_KEY,
+    ``wandb login``'s netrc entry) and WANDB_MODE does not say otherwise, else offline.
+    ``group``/``job_type``/``name``: null = derived from the sweep dir and the chosen options.
+    ``dir``: where wandb writes its run dirs (null = WANDB_DIR, else the working directory).
+    ``init_timeout``: seconds before a run that cannot start is given up (and, under auto,
+    replaced by an offline run)."""
+
+    mode: TrackerMode = TrackerMode.auto
+    project: str = "probe_sweep"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    job_type: str | None = None
+    name: str | None = None
+    dir: str | None = None
+    init_timeout: float = 30.0
+    log_artifacts: bool = True
+
+
+@dataclass
+class JobInfo:
+    """What the tracker needs to know about the Hydra job, as plain values."""
+
+    out_dir: Path
+    choices: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    sweep_dir: Path | None = None
+    num: int | None = None
+
+    @classmethod
+    def from_hydra(cls, hydra_cfg: Any) -> JobInfo:
+        """From ``HydraConfig.get()``: in a multirun the job dir's parent is the sweep dir."""
+        out_dir = Path(hydra_cfg.runtime.output_dir)
+        multirun = str(getattr(hydra_cfg.mode, "name", hydra_cfg.mode)) == "MULTIRUN"
+        num = hydra_cfg.job.get("num") if multirun else None
+        return cls(
+            out_dir=out_dir,
+            choices={str(k): str(v) for k, v in hydra_cfg.runtime.choices.items() if v},
+            overrides=[str(o) for o in hydra_cfg.overrides.task],
+            sweep_dir=out_dir.parent if multirun else None,
+            num=int(num) if num is not None else None,
+        )
+
+
+STAT_FIELDS = ("observed", "null_mean", "null_std", "z", "p")
+GROUP_TAGS = ("model", "probe", "layers", "basis", "reg", "data")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def null_statistics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every null statistic in ``metrics`` (the ``statistics`` section, and any per-layer one).
+
+    A statistic is any dict holding ``observed`` and ``z`` or ``p``, wherever it sits; its name is
+    its path of keys (list items are named by their ``name``/``statistic``/``layer`` field).
+    Rows keep the statistic's other scalar fields (``layer``, ``n_permutations``, ...).
+    """
+    found: list[dict[str, Any]] = []
+
+    def label(item: Any, index: int) -> str:
+        if isinstance(item, dict):
+            for key in ("name", "statistic", "kind"):
+                if isinstance(item.get(key), str):
+                    return item[key]
+            if "layer" in item:
+                return f"layer_{item['layer']}"
+        return str(index)
+
+    def walk(node: Any, path: list[str]) -> None:
+        if isinstance(node, dict):
+            if "observed" in node and ("z" in node or "p" in node):
+                row = {k: v for k, v in node.items() if _is_number(v) or isinstance(v, str)}
+                row["name"] = "/".join(path) or "statistic"
+                found.append(row)
+                return
+            for key, value in node.items():
+                walk(value, [*path, str(key)])
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, [*path, label(item, i)])
+
+    walk(metrics.get("statistics"), [])
+    for row in metrics.get("layers", []):
+        if isinstance(row, dict) and "statistics" in row:
+            walk(row["statistics"], [f"layer_{row.get('layer')}"])
+    return found
+
+
+def layer_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numeric per-layer scores of a ``metrics.json`` row (not the layer, not the history)."""
+    return {k: v for k, v in row.items() if k != "layer" and _is_number(v)}
+
+
+def _probe_order(name: str) -> tuple[int, str]:
+    number = re.search(r"(\d+)$", name)
+    return (int(number.group(1)) if number else -1, name)
+
+
+def read_probe_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``{probe name: weight (classes x components)}`` and the file's metadata."""
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata() or {})
+        names = sorted(
+            (k[: -len(".weight")] for k in f.keys() if k.endswith(".weight")), key=_probe_order
+        )
+        weights = {n: f.get_tensor(f"{n}.weight").float().numpy() for n in names}
+    return weights, metadata
+
+
+def _save(fig: Any, path: Path) -> None:
+    tmp = _atomic(path)
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_probe_weights(tensors_path: Path, out_dir: Path, max_panels: int = 6) -> list[Path]:
+    """Two images of the probes in the job's basis, written next to ``tensors_path``:
+    ``probe_weight_mass.png`` (each probe's share of squared weight per basis component) and
+    ``probe_weights.png`` (weight heatmaps, the 48 classes with the largest weights)."""
+    from matplotlib.colors import LogNorm
+
+    weights, metadata = read_probe_weights(tensors_path)
+    if not weights:
+        return []
+    basis = metadata.get("basis", "?")
+    names = list(weights)
+    mass = np.stack([(w**2).sum(0) / max(float((w**2).sum()), 1e-30) for w in weights.values()])
+    ratio = mass * mass.shape[1]  # 1 = the share every component would get if all were equal
+    positive = ratio[ratio > 0]
+    low = max(float(positive.min()) if positive.size else 1e-6, 1e-6)
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.32 * len(names)))
+    image = ax.imshow(
+        np.maximum(ratio, low),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="magma",
+        norm=LogNorm(vmin=low, vmax=max(float(ratio.max()), low * 1.01)),
+    )
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel(f"{basis} basis component")
+    ax.set_title(f"each probe's squared weight by component ({basis} basis)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="share / uniform share (log)")
+    fig.tight_layout()
+    mass_path = out_dir / "probe_weight_mass.png"
+    _save(fig, mass_path)
+
+    picks = [
+        names[i] for i in np.unique(np.linspace(0, len(names) - 1, max_panels).round().astype(int))
+    ]
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.0 * len(picks) + 1, 3.6), squeeze=False)
+    for ax, name in zip(axes[0], picks, strict=True):
+        w = weights[name]
+        top = np.sort(np.argsort(-np.linalg.norm(w, axis=1))[:48])
+        limit = float(np.quantile(np.abs(w), 0.99)) or 1.0
+        image = ax.imshow(w[top], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"{name} ({w.shape[0]}x{w.shape[1]})", fontsize=8)
+        ax.set_xlabel("component", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("class (48 largest rows)", fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(f"probe weights in the {basis} basis", fontsize=9)
+    weights_path = out_dir / "probe_weights.png"
+    _save(fig, weights_path)
+    return [mass_path, weights_path]
+
+
+def api_key_configured() -> bool:
+    """Whether wandb would find credentials (env var or netrc) without asking or any network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        from wandb.sdk.lib.wbauth import wbnetrc
+
+        host = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+        return bool(wbnetrc.read_netrc_auth(host=host))
+    except Exception:  # an unreadable netrc or a moved private helper: no key
+        return False
+
+
+def resolve_mode(cfg: TrackerConfig) -> str:
+    """``online``, ``offline`` or ``disabled``; ``auto`` defers to WANDB_MODE, then to the key."""
+    if cfg.mode is not TrackerMode.auto:
+        return cfg.mode.value
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("offline", "dryrun"):
+        return "offline"
+    if env == "disabled":
+        return "disabled"
+    if env in ("online", "run"):
+        return "online"
+    return "online" if api_key_configured() else "offline"
+
+
+def _slug(text: str, limit: int = 96) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:limit] or "job"
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    """Eight hex digits of the config, less what does not change the numbers."""
+    kept = {k: v for k, v in resolved.items() if k not in ("tracker", "device", "redo")}
+    if isinstance(kept.get("activations"), dict):
+        kept["activations"] = {k: v for k, v in kept["activations"].items() if k != "cache_dir"}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_identity(
+    cfg: TrackerConfig, job: JobInfo, metrics: dict[str, Any], resolved: dict[str, Any]
+) -> dict[str, Any]:
+    """group (the sweep), job_type, tags (chosen options), a readable name, the artifact name."""
+    probe = metrics.get("probe", {})
+    model = metrics.get("model", {}).get("name", "model")
+    group = cfg.group
+    if group is None and job.sweep_dir is not None:
+        sweep = job.sweep_dir.resolve()
+        try:
+            group = sweep.relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            group = "/".join(sweep.parts[-3:])
+    chosen = dict(job.choices)
+    for key, value in (("probe", probe.get("kind")), ("layers", probe.get("layers"))):
+        chosen.setdefault(key, value)
+    chosen.setdefault("basis", probe.get("basis"))
+    tags = [f"{g}:{chosen[g]}" for g in GROUP_TAGS if chosen.get(g)]
+    tags += [t for t in cfg.tags if t not in tags]
+    name = cfg.name or (
+        f"{probe.get('basis')} · {probe.get('kind')}/{probe.get('layers')} · "
+        f"{probe.get('reg')}={probe.get('strength', 0):g} · {model}"
+    )
+    if cfg.name is None and job.num is not None:
+        name = f"#{job.num} {name}"
+    digest = config_hash(resolved)
+    artifact = _slug(
+        f"probes-{model}-{probe.get('kind')}-{probe.get('layers')}-{probe.get('basis')}-{digest}"
+    )
+    return {
+        "group": group,
+        "job_type": cfg.job_type or f"{probe.get('kind')}-{probe.get('layers')}",
+        "tags": [t[:64] for t in tags],
+        "name": name,
+        "artifact": artifact,
+        "config_hash": digest,
+    }
+
+
+def track_job(cfg: TrackerConfig, job: JobInfo, resolved: dict[str, Any]) -> dict[str, Any] | None:
+    """Log a finished job (read from its files) as one W&B run; never raises.
+
+    Returns what ``wandb_run.json`` records (run id, mode, where it lives), or None when the
+    tracker is disabled, the job left no ``metrics.json``, or W&B failed (one warning line).
+    """
+    metrics_path = job.out_dir / "metrics.json"
+    tensors_path = job.out_dir / "probes.safetensors"
+    if not metrics_path.is_file():
+        return None
+    if tensors_path.is_file():
+        try:
+            plot_probe_weights(tensors_path, job.out_dir)
+        except Exception as exc:  # derived images: never worth failing a finished job
+            log.warning("Could not draw the probe weights: %s", _one_line(exc))
+    mode = resolve_mode(cfg)
+    if mode == "disabled":
+        return None
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        identity = run_identity(cfg, job, metrics, resolved)
+        try:
+            info = _log_run(cfg, job, metrics, resolved, identity, mode)
+        except Exception as exc:
+            if cfg.mode is not TrackerMode.auto or mode != "online":
+                raise
+            log.warning("W&B online run failed (%s); logging offline instead", _one_line(exc))
+            mode = "offline"
+            info = _log_run(cfg, job, metrics, resolved, identity, mode)
+        write_json(job.out_dir / "wandb_run.json", info)
+    except Exception as exc:
+        log.warning(
+            "W&B tracking (%s) failed, results are complete in %s: %s",
+            mode,
+            job.out_dir,
+            _one_line(exc),
+        )
+        return None
+    if info["mode"] == "offline":
+        log.info("W&B offline run %s; upload it with: wandb sync %s", info["id"], info["run_dir"])
+    else:
+        log.info("W&B run %s: %s", info["id"], info.get("url"))
+    return info
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _log_run(
+    cfg: TrackerConfig,
+    job: JobInfo,
+    metrics: dict[str, Any],
+    resolved: dict[str, Any],
+    identity: dict[str, Any],
+    mode: str,
+) -> dict[str, Any]:
+    import wandb
+
+    wandb_dir = cfg.dir or os.environ.get("WANDB_DIR") or None
+    if wandb_dir is not None:
+        Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        group=identity["group"],
+        job_type=identity["job_type"],
+        tags=identity["tags"],
+        name=identity["name"],
+        config={**resolved, "job": _job_config(job, metrics, identity)},
+        dir=wandb_dir,
+        mode=mode,  # type: ignore[arg-type]
+        reinit="finish_previous",
+        settings=wandb.Settings(init_timeout=cfg.init_timeout, quiet=True, console="off"),
+    )
+    ok = False
+    try:
+        _log_contents(wandb, run, job, metrics, identity, cfg.log_artifacts)
+        ok = True
+        info = {
+            "id": run.id,
+            "name": identity["name"],
+            "group": identity["group"],
+            "project": cfg.project,
+            "entity": run.entity if mode == "online" else cfg.entity,
+            "mode": mode,
+            "url": run.url if mode == "online" else None,
+            "run_dir": str(Path(run.dir).parent),
+            "artifact": identity["artifact"] if cfg.log_artifacts else None,
+        }
+    finally:
+        run.finish(exit_code=0 if ok else 1)
+    return info
+
+
+def _job_config(job: JobInfo, metrics: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "out_dir": str(job.out_dir),
+        "sweep_dir": str(job.sweep_dir) if job.sweep_dir else None,
+        "num": job.num,
+        "choices": job.choices,
+        "overrides": job.overrides,
+        "config_hash": identity["config_hash"],
+        "model_info": metrics.get("model", {}),
+        "probe_info": metrics.get("probe", {}),
+    }
+
+
+def _log_contents(
+    wandb: Any,
+    run: Any,
+    job: JobInfo,
+    metrics: dict[str, Any],
+    identity: dict[str, Any],
+    log_artifacts: bool,
+) -> None:
+    rows = [r for r in metrics.get("layers", []) if isinstance(r, dict)]
+    # Curves against depth: every numeric per-layer score, x-axis = layer.
+    run.define_metric("layer")
+    run.define_metric("by_layer/*", step_metric="layer")
+    for row in rows:
+        run.log(
+            {"layer": row["layer"], **{f"by_layer/{k}": v for k, v in layer_scalars(row).items()}}
+        )
+    # Training curves: one line per fitted probe, x-axis = epoch.
+    run.define_metric("epoch")
+    run.define_metric("fit/*", step_metric="epoch")
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        curves.setdefault(str(row.get("probe", f"layer_{row['layer']}")), row.get("history") or [])
+    train_rows = []
+    for probe, history in curves.items():
+        for point in history:
+            values = {k: v for k, v in point.items() if k != "epoch" and _is_number(v)}
+            run.log(
+                {"epoch": point.get("epoch"), **{f"fit/{probe}/{k}": v for k, v in values.items()}}
+            )
+            train_rows.append(
+                [probe, point.get("epoch"), values.get("train_loss"), values.get("val_loss")]
+            )
+    with_val = {p: h for p, h in curves.items() if any(_is_number(x.get("val_loss")) for x in h)}
+    if with_val:
+        chart = wandb.plot.line_series(
+            xs=[[x["epoch"] for x in h] for h in with_val.values()],
+            ys=[[x.get("val_loss") for x in h] for h in with_val.values()],
+            keys=list(with_val),
+            title="validation loss by epoch, one line per probe",
+            xname="epoch",
+        )
+        run.log({"charts/val_loss_by_epoch": chart})
+    # Tables: per layer, training history, null statistics.
+    columns = sorted({k for r in rows for k in layer_scalars(r)})
+    layer_table = wandb.Table(columns=["layer", "probe", *columns])
+    for row in rows:
+        layer_table.add_data(row["layer"], row.get("probe"), *[row.get(c) for c in columns])
+    tables: dict[str, Any] = {"tables/per_layer": layer_table}
+    if train_rows:
+        tables["tables/training"] = wandb.Table(
+            columns=["probe", "epoch", "train_loss", "val_loss"], data=train_rows
+        )
+    stats = null_statistics(metrics)
+    if stats:
+        extra = sorted({k for s in stats for k in s} - {"name", *STAT_FIELDS})
+        stat_columns = ["name", *STAT_FIELDS, *extra]
+        tables["tables/null_statistics"] = wandb.Table(
+            columns=stat_columns, data=[[s.get(c) for c in stat_columns] for s in stats]
+        )
+    run.log(tables)
+    # Images: the weight heatmaps and every other PNG the job wrote.
+    images = {
+        f"images/{p.stem}": wandb.Image(str(p), caption=p.name)
+        for p in sorted(job.out_dir.glob("*.png"))
+    }
+    if images:
+        run.log(images)
+    # Summary: per-layer scores by name, the headline numbers, every null statistic.
+    summary: dict[str, Any] = {}
+    for row in rows:
+        for key, value in layer_scalars(row).items():
+            summary[f"{key}/layer_{row['layer']}"] = value
+    top1 = [(r["layer"], r["top1"]) for r in rows if _is_number(r.get("top1"))]
+    if top1:
+        summary["top1_mean"] = float(np.mean([t for _, t in top1]))
+        summary["top1_first"], summary["top1_last"] = top1[0][1], top1[-1][1]
+        summary["best_layer"] = max(top1, key=lambda lt: lt[1])[0]
+    for stat in stats:
+        for key in STAT_FIELDS:
+            if _is_number(stat.get(key)):
+                summary[f"null/{stat['name']}/{key}"] = stat[key]
+    for section in ("counts", "timing_s"):
+        for key, value in (metrics.get(section) or {}).items():
+            if _is_number(value):
+                summary[f"{section}/{key}"] = value
+    run.summary.update(summary)
+    # The weights: a versioned artifact (same config, same name; a new digest, a new version).
+    tensors_path = job.out_dir / "probes.safetensors"
+    if log_artifacts and tensors_path.is_file():
+        with safe_open(str(tensors_path), "pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            file_meta = dict(f.metadata() or {})
+        artifact = wandb.Artifact(
+            identity["artifact"],
+            type="probes",
+            description=f"Linear probe weights of {identity['name']}",
+            metadata={
+                "model": metrics.get("model", {}),
+                "probe": metrics.get("probe", {}),
+                "counts": metrics.get("counts", {}),
+                "tensors": shapes,
+                "safetensors_metadata": file_meta,
+                "top1_by_layer": {str(r["layer"]): r.get("top1") for r in rows},
+                "config_hash": identity["config_hash"],
+                "group": identity["group"],
+                "job_dir": str(job.out_dir),
+            },
+        )
+        artifact.add_file(str(tensors_path), name="probes.safetensors")
+        artifact.add_file(str(job.out_dir / "metrics.json"), name="metrics.json")
+        run.log_artifact(artifact)

@@ -1,0 +1,177 @@
+"""What a job in a sweep needs to know about the sweep: its content key, whether identical
+results already exist, how it failed, which SLURM job ran it, and which local GPU is its own.
+
+A job's results are complete when its ``metrics.json`` carries a ``job`` section (written last,
+after every other file) whose ``key`` hashes the job's resolved config. Re-running a sweep into
+the same ``hydra.sweep.dir`` therefore skips finished jobs whatever their job number, and reruns
+jobs that failed, were killed, or whose results were deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copyreg
+import hashlib
+import importlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+FAILED = "failed.json"
+SKIPPED = "skipped.json"
+METRICS = "metrics.json"
+# Settings that change where or how fast a job runs, not its numbers.
+NOT_IN_KEY = ("redo", "tracker", "activations.cache_dir", "activations.batch_size")
+SLURM_VARS = {
+    "slurm_job_id": "SLURM_JOB_ID",
+    "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+    "slurm_array_task_id": "SLURM_ARRAY_TASK_ID",
+    "slurm_restart_count": "SLURM_RESTART_COUNT",
+    "slurm_partition": "SLURM_JOB_PARTITION",
+}
+
+
+def job_key(resolved: dict[str, Any], schema_version: Any = None) -> str:
+    """A content key for one job: the resolved config minus settings that leave results alone."""
+    content = json.loads(json.dumps(resolved, default=str))
+    for dotted in NOT_IN_KEY:
+        *parents, leaf = dotted.split(".")
+        node = content
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    blob = json.dumps({"config": content, "schema": schema_version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def find_complete(root: Path, key: str) -> Path | None:
+    """The job directory under ``root`` holding complete results for ``key``, if any."""
+    for path in sorted(root.rglob(METRICS)):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(metrics, dict) and (metrics.get("job") or {}).get("key") == key:
+            return path.parent
+    return None
+
+
+def clear_markers(out_dir: Path, redo: bool) -> None:
+    """Remove what an earlier attempt left in this job's directory before running it again."""
+    for name in (FAILED, SKIPPED, *((METRICS,) if redo else ())):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def note_skipped(out_dir: Path, done: Path, key: str) -> None:
+    if done.resolve() != out_dir.resolve():
+        write_json(out_dir / SKIPPED, {"key": key, "results": str(done)})
+
+
+def job_info(key: str, overrides: list[str]) -> dict[str, Any]:
+    """Where and under which scheduler ids this job ran; stored as ``metrics["job"]``."""
+    info: dict[str, Any] = {"key": key, "overrides": overrides}
+    info.update({name: os.environ.get(var) for name, var in SLURM_VARS.items()})
+    info.update({"host": socket.gethostname(), "pid": os.getpid()})
+    return info
+
+
+def failure(exc: BaseException, overrides: list[str]) -> dict[str, Any]:
+    lines = str(exc).strip().splitlines()
+    return {
+        "error": lines[0] if lines else type(exc).__name__,
+        "type": type(exc).__name__,
+        "overrides": overrides,
+    }
+
+
+def write_failed(out_dir: Path, exc: BaseException, overrides: list[str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / FAILED, failure(exc, overrides))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@contextlib.contextmanager
+def claim_gpu(
+    device: str, n_devices: int | None = None, lock_dir: Path | None = None, poll_s: float = 1.0
+) -> Iterator[str]:
+    """With ``device=auto`` and several visible GPUs, hold one GPU for this job alone.
+
+    Jobs on one machine (the joblib launcher's workers, or several sweeps at once) take the first
+    free per-GPU lock, so no two share a GPU; a job waits while every GPU is taken. With one GPU,
+    none, or an explicit device (as under SLURM, which sets CUDA_VISIBLE_DEVICES per job) the
+    device passes through unchanged.
+    """
+    count = cuda_count() if n_devices is None else n_devices
+    if device != "auto" or count < 2:
+        yield device
+        return
+    lock_dir = lock_dir or Path(tempfile.gettempdir())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-")
+    locks = [
+        FileLock(str(lock_dir / f"probe_sweep-{os.getuid()}-gpus-{visible}-{i}.lock"))
+        for i in range(count)
+    ]
+    waited = False
+    while True:
+        for index, lock in enumerate(locks):
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                log.info("This job has GPU cuda:%d to itself", index)
+                yield f"cuda:{index}"
+            finally:
+                lock.release()
+            return
+        if not waited:
+            log.info("All %d GPUs are taken by other jobs; waiting for one", count)
+            waited = True
+        time.sleep(poll_s)
+
+
+def local_jobs() -> int:
+    """How many jobs the ``local`` launcher preset runs at once: one per GPU, else up to 4."""
+    gpus = cuda_count()
+    return gpus if gpus > 1 else max(1, min(4, os.cpu_count() or 1))
+
+
+def _import_module(name: str) -> Any:
+    return importlib.import_module(name)
+
+
+def prepare_launchers() -> None:
+    """Register the presets' resolver, and let process pools pickle the task function.
+
+    ``python -m probe_sweep`` defines the task in ``__main__``, which cloudpickle (joblib, submitit)
+    pickles by value together with the submodules its names touch: ``config.probe.classes`` pulls
+    in ``torch.classes``, an object pickle cannot handle. It is pickled as a re-import instead.
+    """
+    if not OmegaConf.has_resolver("probe_sweep_local_jobs"):
+        OmegaConf.register_new_resolver("probe_sweep_local_jobs", local_jobs)
+    import torch
+
+    copyreg.pickle(type(torch.classes), lambda _: (_import_module, ("torch.classes",)))

@@ -1,0 +1,343 @@
+"""The sweep-level comparison: every job of a multirun side by side, read from the jobs' files.
+
+Hydra's ``on_multirun_end`` gets no job results, so ``write_sweep_report`` reads each job dir
+under the sweep dir: ``metrics.json`` (finished), ``failed.json`` (failed: error, type,
+overrides), ``skipped.json`` (skipped: complete results already elsewhere in the sweep), none of
+them (incomplete: killed or still running), plus ``wandb_run.json`` when the
+tracker logged the job. It writes, in the sweep dir:
+- ``report.md``: the jobs table, top-1 by layer, every null statistic in one table, failed and
+  incomplete jobs, and how to see the W&B runs (their group, ``wandb sync`` for offline ones);
+- ``report_accuracy_by_layer.png``: top-1 accuracy and NLL by layer, one line per job;
+- ``report_layers.csv``: the per-layer scores of every finished job, one row per job and layer.
+
+``SweepReportCallback`` (in conf/config.yaml under ``hydra.callbacks``) writes it after every
+multirun; ``python -m probe_sweep.report <sweep dir>`` writes it again by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from probe_sweep.tracking import STAT_FIELDS, _atomic, null_statistics, plt
+
+log = logging.getLogger("probe_sweep.report")
+
+REPORT = "report.md"
+PLOT = "report_accuracy_by_layer.png"
+CSV = "report_layers.csv"
+
+
+@dataclass
+class JobResult:
+    dir: Path
+    num: int | None
+    status: str  # finished | failed | skipped | incomplete
+    overrides: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+    skipped: dict[str, Any] | None = None
+    wandb: dict[str, Any] | None = None
+    label: str = ""
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    found: set[Path] = set()
+    for pattern in (".hydra", "metrics.json", "failed.json", "skipped.json"):
+        for path in sweep_dir.rglob(pattern):
+            rel = path.parent.relative_to(sweep_dir).parts
+            if any(part == "wandb" or part.startswith(".") for part in rel):
+                continue
+            if path.parent != sweep_dir:
+                found.add(path.parent)
+    return sorted(found)
+
+
+def _num(job_dir: Path) -> int | None:
+    match = re.match(r"(\d+)(_|$)", job_dir.name)
+    return int(match.group(1)) if match else None
+
+
+def read_jobs(sweep_dir: Path) -> list[JobResult]:
+    """Every job dir under ``sweep_dir``, in job-number order, with what it left behind."""
+    jobs = []
+    for job_dir in _job_dirs(sweep_dir):
+        metrics = _read_json(job_dir / "metrics.json")
+        failure = _read_json(job_dir / "failed.json")
+        skipped = _read_json(job_dir / "skipped.json")
+        status = (
+            "finished"
+            if metrics
+            else "failed"
+            if failure is not None
+            else "skipped"
+            if skipped is not None
+            else "incomplete"
+        )
+        overrides: list[str] = []
+        try:
+            loaded = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+            overrides = [str(o) for o in loaded or []]
+        except (OSError, yaml.YAMLError):
+            overrides = [str(o) for o in (failure or {}).get("overrides") or []]
+        jobs.append(
+            JobResult(
+                dir=job_dir,
+                num=_num(job_dir),
+                status=status,
+                overrides=overrides,
+                metrics=metrics,
+                failure=failure,
+                skipped=skipped,
+                wandb=_read_json(job_dir / "wandb_run.json"),
+            )
+        )
+    jobs.sort(key=lambda j: (j.num is None, j.num if j.num is not None else 0, str(j.dir)))
+    _label(jobs)
+    return jobs
+
+
+def _label(jobs: list[JobResult]) -> None:
+    """Label each job by the overrides that differ between the jobs of the sweep."""
+    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in j.overrides) for j in jobs]
+    keys = sorted({k for p in parsed for k in p})
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    for job, values in zip(jobs, parsed, strict=True):
+        parts = [f"{k}={values[k]}" for k in varying if k in values]
+        text = ", ".join(parts) or job.dir.name
+        job.label = f"#{job.num} {text}" if job.num is not None else text
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 10**-digits or value == 0 else f"{value:.2e}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def plot_sweep(jobs: list[JobResult], path: Path, title: str) -> bool:
+    """Top-1 accuracy and NLL by layer, one line per finished job; False when there is none."""
+    done = [j for j in jobs if j.metrics and j.metrics.get("layers")]
+    if not done:
+        return False
+    fig, (acc, nll) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = plt.get_cmap("tab10" if len(done) <= 10 else "tab20")
+    all_layers: set[int] = set()
+    for i, job in enumerate(done):
+        rows = job.metrics["layers"]  # type: ignore[index]
+        layers = [r["layer"] for r in rows]
+        all_layers.update(layers)
+        style = dict(color=colors(i % colors.N), marker="o", markersize=4, label=job.label)
+        acc.plot(layers, [r.get("top1") for r in rows], "-", **style)
+        nll.plot(layers, [r.get("nll") for r in rows], "-", **style)
+    for ax, name in ((acc, "held-out top-1 accuracy"), (nll, "held-out NLL (nats)")):
+        ax.set_xlabel("layer (0 = embedding output)")
+        ax.set_ylabel(name)
+        ax.set_xticks(sorted(all_layers))
+        ax.grid(alpha=0.3)
+    handles, labels = acc.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(done)), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(done) - 1) // 3), 1, 1))
+    tmp = _atomic(path)
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def write_sweep_report(sweep_dir: Path) -> Path:
+    """Write ``report.md`` (+ PNG, CSV) into ``sweep_dir`` from its jobs' files; returns it."""
+    sweep_dir = Path(sweep_dir)
+    jobs = read_jobs(sweep_dir)
+    finished = [j for j in jobs if j.status == "finished"]
+    failed = [j for j in jobs if j.status == "failed"]
+    incomplete = [j for j in jobs if j.status == "incomplete"]
+    skipped = [j for j in jobs if j.status == "skipped"]
+    lines = [
+        f"# Sweep report: {sweep_dir}",
+        "",
+        f"Written {datetime.now().isoformat(timespec='seconds')} from the job dirs' files. "
+        f"{len(jobs)} jobs: {len(finished)} finished, {len(failed)} failed, "
+        f"{len(skipped)} skipped, {len(incomplete)} incomplete.",
+        "",
+        "## Jobs",
+        "",
+    ]
+    rows = []
+    for job in jobs:
+        m = job.metrics or {}
+        probe, top1 = m.get("probe", {}), [r.get("top1") for r in m.get("layers", [])]
+        scored = [(r["layer"], r["top1"]) for r in m.get("layers", []) if r.get("top1") is not None]
+        run = job.wandb or {}
+        rows.append(
+            [
+                job.label,
+                job.status,
+                m.get("model", {}).get("name"),
+                probe.get("kind"),
+                probe.get("layers"),
+                probe.get("basis"),
+                f"{probe['reg']} {probe['strength']:g}" if "reg" in probe else None,
+                top1[0] if top1 else None,
+                top1[-1] if top1 else None,
+                sum(t for _, t in scored) / len(scored) if scored else None,
+                max(scored, key=lambda lt: lt[1])[0] if scored else None,
+                f"{run['mode']} {run['id']}" if run.get("id") else None,
+                job.dir.relative_to(sweep_dir).as_posix(),
+            ]
+        )
+    header = ["job", "status", "model", "probe", "layers", "basis", "reg", "top-1 first layer"]
+    header += ["top-1 last layer", "mean top-1", "best layer", "W&B run", "dir"]
+    lines += _table(header, rows)
+
+    lines += ["", "## Accuracy by layer", ""]
+    title = f"sweep {sweep_dir.name}: held-out scores by layer, one line per job"
+    if plot_sweep(jobs, sweep_dir / PLOT, title):
+        lines += [f"![top-1 accuracy and NLL by layer, one line per job]({PLOT})", ""]
+        layers = sorted({r["layer"] for j in finished for r in j.metrics["layers"]})  # type: ignore[index]
+        table = []
+        for job in finished:
+            by = {r["layer"]: r.get("top1") for r in job.metrics["layers"]}  # type: ignore[index]
+            table.append([job.label, *[by.get(layer) for layer in layers]])
+        lines += ["Held-out top-1 accuracy:", ""]
+        lines += _table(["job", *[f"layer {layer}" for layer in layers]], table)
+        _write_csv(finished, sweep_dir / CSV)
+    else:
+        lines.append("No finished job.")
+
+    lines += ["", "## Null statistics", ""]
+    stat_rows = [
+        [job.label, s["name"], *[s.get(k) for k in STAT_FIELDS]]
+        for job in finished
+        for s in null_statistics(job.metrics or {})
+    ]
+    if stat_rows:
+        lines += _table(
+            ["job", "statistic", "observed", "null mean", "null std", "z", "p"], stat_rows
+        )
+    else:
+        lines.append("No job reported null statistics.")
+
+    lines += ["", "## Failed jobs", ""]
+    if failed:
+        failed_rows = [
+            [
+                j.label,
+                (j.failure or {}).get("type"),
+                (j.failure or {}).get("error"),
+                " ".join(j.overrides),
+            ]
+            for j in failed
+        ]
+        lines += _table(["job", "type", "error", "overrides"], failed_rows)
+    else:
+        lines.append("None.")
+    if skipped:
+        lines += ["", "Skipped (complete results for the same config already in the sweep):", ""]
+        lines += [f"- {j.label}: results in `{(j.skipped or {}).get('results')}`" for j in skipped]
+    if incomplete:
+        lines += ["", "Incomplete (no metrics.json, no failed.json: killed or still running):", ""]
+        lines += [f"- {j.label}: `{j.dir.relative_to(sweep_dir).as_posix()}`" for j in incomplete]
+
+    lines += ["", "## W&B runs", "", *_wandb_lines(jobs), ""]
+    path = sweep_dir / REPORT
+    tmp = _atomic(path)
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def _write_csv(jobs: list[JobResult], path: Path) -> None:
+    keys = sorted(
+        {
+            k
+            for j in jobs
+            for r in j.metrics["layers"]
+            for k, v in r.items()  # type: ignore[index]
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        - {"layer"}
+    )
+    tmp = _atomic(path)
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["job", "dir", "layer", *keys])
+        for job in jobs:
+            for row in job.metrics["layers"]:  # type: ignore[index]
+                writer.writerow(
+                    [job.label, job.dir.name, row["layer"], *[row.get(k) for k in keys]]
+                )
+    tmp.replace(path)
+
+
+def _wandb_lines(jobs: list[JobResult]) -> list[str]:
+    runs = [j.wandb for j in jobs if j.wandb and j.wandb.get("id")]
+    if not runs:
+        return ["No job was logged to W&B (tracker disabled, or W&B failed: see the job logs)."]
+    groups = sorted({str(r.get("group")) for r in runs})
+    lines = [f"{len(runs)} runs, project `{runs[0].get('project')}`, group `{', '.join(groups)}`."]
+    online = [r for r in runs if r.get("url")]
+    offline = [r for r in runs if r.get("mode") == "offline"]
+    lines += [f"- [{r['name']}]({r['url']})" for r in online]
+    if offline:
+        lines += [
+            "",
+            f"{len(offline)} offline runs; upload them (then compare them grouped by `group`):",
+            "",
+            "```",
+            "wandb sync " + " ".join(str(r["run_dir"]) for r in offline),
+            "```",
+        ]
+    return lines
+
+
+class SweepReportCallback(Callback):
+    """Writes the sweep report after every multirun; a failure is one warning line."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            path = write_sweep_report(sweep_dir)
+            log.info("Sweep report: %s", path)
+        except Exception as exc:
+            log.warning("Could not write the sweep report: %s: %s", type(exc).__name__, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print("usage: python -m probe_sweep.report <sweep dir>", file=sys.stderr)
+        return 2
+    print(write_sweep_report(Path(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

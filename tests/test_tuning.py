@@ -1,0 +1,127 @@
+"""Optuna tuning: the search space, the objective, and real studies through the Hydra sweeper."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from hydra_plugins.probe_sweep_optuna.sweeper import distribution
+from probe_sweep.errors import UserError
+from probe_sweep.tuning import TuningConfig, check_objective, objective
+from tests.conftest import TINY, run_cli
+
+PARSER = OverridesParser.create()
+
+
+def parsed(text: str):
+    return distribution(PARSER.parse_override(text))
+
+
+def test_search_space_grammar() -> None:
+    dist = optuna.distributions
+    log_float = dist.FloatDistribution(1e-6, 0.1, log=True)
+    assert parsed("reg.strength=tag(log, interval(1e-6, 0.1))") == log_float
+    assert parsed("probe.lr=interval(0.001, 0.1)") == dist.FloatDistribution(0.001, 0.1)
+    assert parsed("probe.batch_size=tag(int, interval(64, 512))") == dist.IntDistribution(64, 512)
+    assert parsed("reg=choice(l1, l2)") == dist.CategoricalDistribution(["l1", "l2"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("reg.strength=tag(log, interval(0, 1))", "a log interval needs low > 0"),
+        ("reg.strength=interval(1, 0.5)", "interval needs low < high"),
+        ("reg.strength=0.1", "is not an interval or choice"),
+    ],
+)
+def test_bad_search_space_is_one_clear_error(text: str, message: str) -> None:
+    with pytest.raises(HydraException, match=message):
+        parsed(text)
+
+
+def test_objective_averages_layers_or_takes_one() -> None:
+    rows = [{"layer": 0, "val_nll": 1.0}, {"layer": 1, "val_nll": 3.0}]
+    assert objective(rows, TuningConfig()) == 2.0
+    assert objective(rows, TuningConfig(layer=1)) == 3.0
+    with pytest.raises(UserError, match="tuning.layer=5 was not probed"):
+        objective(rows, TuningConfig(layer=5))
+    with pytest.raises(UserError, match="tuning.objective='accuracy' is not a per-layer metric"):
+        check_objective(TuningConfig(objective="accuracy"))
+
+
+def read_trials(study_dir: Path) -> list[dict[str, str]]:
+    with open(study_dir / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.e2e
+def test_ridge_study_finds_the_path_optimum_and_resumes(tmp_path: Path) -> None:
+    args = [
+        "-m",
+        "hparams_search=probe_reg",
+        *TINY,
+        "probe=ridge",
+        "hydra.sweep.dir=sweep",
+        "hydra.sweeper.sampler.n_startup_trials=4",
+    ]
+    run_cli([*args, "hydra.sweeper.n_trials=6"], cwd=tmp_path)
+    studies = [p.parent for p in (tmp_path / "sweep").glob("*/best.json")]
+    assert len(studies) == 1
+    best = json.loads((studies[0] / "best.json").read_text())
+    assert best["n_complete"] + best["n_pruned"] == 6 and best["n_failed"] == 0
+    # The check: every trial's job also evaluated the whole ridge path from one decomposition.
+    metrics = json.loads(next((tmp_path / "sweep").rglob("metrics.json")).read_text())
+    path = metrics["ridge_path"]
+    path_best = min(path["val_nll"])
+    assert best["best_value"] <= path_best * 1.05, (best, path)
+    tuned = (tmp_path / "sweep" / "tuned" / "tuned" / f"{best['study']}.yaml").read_text()
+    assert "strength" in tuned
+
+    run_cli([*args, "hydra.sweeper.n_trials=8"], cwd=tmp_path)
+    numbers = [int(r["number"]) for r in read_trials(studies[0])]
+    assert numbers == list(range(8)), "a resumed study continues counting trials"
+
+
+@pytest.mark.e2e
+def test_unpromising_trials_are_pruned(tmp_path: Path) -> None:
+    run_cli(
+        [
+            "-m",
+            "hparams_search=probe_reg",
+            *TINY,
+            "hydra.sweep.dir=sweep",
+            "hydra.sweeper.n_trials=6",
+            "hydra.sweeper.sampler.n_startup_trials=6",
+            "hydra.sweeper.pruner.n_startup_trials=2",
+            "hydra.sweeper.pruner.n_warmup_steps=0",
+            "reg.strength=tag(log, interval(1e-6, 10.0))",
+        ],
+        cwd=tmp_path,
+    )
+    rows = read_trials(next((tmp_path / "sweep").glob("*/trials.csv")).parent)
+    states = [r["state"] for r in rows]
+    assert "PRUNED" in states and "COMPLETE" in states, rows
+
+
+@pytest.mark.e2e
+def test_grid_over_bases_makes_one_study_per_value(tmp_path: Path) -> None:
+    run_cli(
+        [
+            "-m",
+            "hparams_search=probe_reg",
+            *TINY,
+            "probe=ridge",
+            "hydra.sweep.dir=sweep",
+            "hydra.sweeper.n_trials=2",
+            "reg=l2,none",
+        ],
+        cwd=tmp_path,
+    )
+    studies = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/best.json"))
+    assert len(studies) == 2 and studies[0] != studies[1]
