@@ -22,8 +22,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from probe_sweep import jobs, tracking, tuning
+from probe_sweep import statistics as pstats
 from probe_sweep.activations import ActivationStore, extract
-from probe_sweep.bases import Basis, build_basis
+from probe_sweep.bases import Basis, build_basis, check_basis_config
 from probe_sweep.config import Config, register_schema, to_typed
 from probe_sweep.data import TEST, TRAIN, VAL, Corpus, build_corpus
 from probe_sweep.errors import UserError
@@ -116,6 +117,7 @@ def run_job(
     device = pick_device(config.device)
     tokenizer = load_tokenizer(config.model)
     info = inspect_model(config.model, len(tokenizer))
+    check_basis_config(config.basis, info.d_model)
     layers = resolve_layers(config.layers, info.n_layers)
     corpus: Corpus = build_corpus(config.data, tokenizer, info.max_positions, config.seed)
     log.info(
@@ -131,8 +133,12 @@ def run_job(
     store = extract(model, corpus, layers, config.activations, device)
     embedding = model.embedding.float().cpu()
     has_unembedding = model.unembedding is not None
+    unembedding, final_norm = model.unembedding, model.final_norm
     del model
-    basis = build_basis(config.basis, embedding)
+    train_counts = np.bincount(
+        corpus.targets.reshape(-1)[corpus.rows(TRAIN)], minlength=info.vocab_size
+    )
+    basis = build_basis(config.basis, embedding, train_counts, config.seed)
     extracted = time.perf_counter()
 
     targets = corpus.targets.reshape(-1)
@@ -197,6 +203,42 @@ def run_job(
         row["epochs"] = len(history)
         row["history"] = history
     fitted = time.perf_counter()
+    stats_cfg = getattr(config, "statistics", None) or pstats.StatisticsConfig()
+    statistics: dict[str, Any] = {}
+    if stats_cfg.enabled:
+
+        def control_scores(layer: int) -> dict[str, Any]:
+            mapping = pstats.control_task_labels(info.vocab_size, stats_cfg.control_labels, config.seed)
+            control = {p: torch.from_numpy(mapping[targets[r]]).to(device) for p, r in rows.items()}
+            fit = fit_softmax_probe(
+                *(inputs(TRAIN, layer), control[TRAIN], inputs(VAL, layer), control[VAL]),
+                *(stats_cfg.control_labels, config.reg, config.probe, config.seed),
+                f"layer {layer} control probe",
+            )
+            return score_probe(fit.probe, inputs(TEST, layer), control[TEST], frequent[TEST])
+
+        lens_rows = rows[TEST][: stats_cfg.lens_rows]
+
+        def lens_hidden(layer: int) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(store.layer(layer)[lens_rows], np.float32))
+
+        statistics = pstats.job_statistics(
+            fits,
+            results,
+            basis.encoder,
+            embedding,
+            class_embeddings,
+            stats_cfg,
+            config.seed,
+            control_scores if stats_cfg.control_task else None,
+            lens_hidden,
+            torch.from_numpy(targets[lens_rows]),
+            unembedding,
+            final_norm,
+            info.n_layers if info.n_layers in layers else None,
+        )
+        statistics["basis"] = {"name": basis.name, **basis.info}
+    measured = time.perf_counter()
 
     tensors = {"classes": torch.from_numpy(classes)}
     for name, fit in fits.items():
@@ -242,13 +284,19 @@ def run_job(
         "timing_s": {
             "extract": round(extracted - started, 2),
             "fit": round(fitted - extracted, 2),
+            "statistics": round(measured - fitted, 2),
         },
         "layers": results,
+        "statistics": statistics,
         "ridge_path": ridge_path(fits, config.probe.path_strengths),
         "config": resolved,
     }
     tracking.write_json(out_dir / "metrics.json", metrics)
     log.info("Held-out scores (%s):\n%s", out_dir, tracking.format_table(results))
+    if statistics.get("entries"):
+        log.info("Statistics (nulls):\n%s", pstats.format_entries(statistics["entries"]))
+    if statistics.get("logit_lens") or stats_cfg.control_task:
+        log.info("Logit lens / controls by layer:\n%s", pstats.format_layers(results))
     return metrics
 
 

@@ -536,11 +536,15 @@ def section_sweep(args: argparse.Namespace, work: Path, out: list[Row], notes: l
     else:
         bases = args.bases.split(",")
     common = job_args(args, args.token_budget)
+    if len(set(bases)) == len(bases):
+        axis = [f"basis={','.join(bases)}"]
+    else:  # Hydra drops repeated values: vary the seed instead (same work, same cache entry)
+        axis = [f"basis={bases[0]}", f"seed={','.join(str(i) for i in range(len(bases)))}"]
     single = run_job(
         [*common, f"basis={bases[0]}", "hydra.run.dir=single"], work, job_env(work, "cache-single")
     )
     sweep = run_job(
-        ["-m", *common, f"basis={','.join(bases)}", "hydra.sweep.dir=sweep"],
+        ["-m", *common, *axis, "hydra.sweep.dir=sweep"],
         work,
         job_env(work, "cache-sweep"),
     )
@@ -561,7 +565,7 @@ def section_sweep(args: argparse.Namespace, work: Path, out: list[Row], notes: l
     out.append(
         Row(
             "4 sweep",
-            f"`-m basis={','.join(bases)}` vs one job (basis={bases[0]}), cold caches, real "
+            f"`-m {' '.join(axis)}` vs one job (basis={bases[0]}), cold caches, real "
             f"CLI processes, {args.token_budget} tokens, all layers: wall s",
             f"{sweep.seconds:.1f}",
             f"{single.seconds:.1f}",

@@ -159,19 +159,25 @@ def local_jobs() -> int:
     return gpus if gpus > 1 else max(1, min(4, os.cpu_count() or 1))
 
 
+def prepare_launchers() -> None:
+    """Register the resolver the launcher presets use."""
+    if not OmegaConf.has_resolver("probe_sweep_local_jobs"):
+        OmegaConf.register_new_resolver("probe_sweep_local_jobs", local_jobs)
+
+
 def _import_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def prepare_launchers() -> None:
-    """Register the presets' resolver, and let process pools pickle the task function.
-
-    ``python -m probe_sweep`` defines the task in ``__main__``, which cloudpickle (joblib, submitit)
-    pickles by value together with the submodules its names touch: ``config.probe.classes`` pulls
-    in ``torch.classes``, an object pickle cannot handle. It is pickled as a re-import instead.
-    """
-    if not OmegaConf.has_resolver("probe_sweep_local_jobs"):
-        OmegaConf.register_new_resolver("probe_sweep_local_jobs", local_jobs)
+def _pickle_torch_classes_by_name() -> None:
+    """``python -m probe_sweep`` defines the task in ``__main__``, which cloudpickle (joblib,
+    submitit) pickles by value with the submodules its names touch: ``config.probe.classes`` pulls
+    in ``torch.classes``, which pickle cannot handle. Pickle it as a re-import instead. Done at
+    import, so it also holds in a SLURM job (which imports this module when it unpickles the
+    task) when submitit pickles the task again to requeue it."""
     import torch
 
     copyreg.pickle(type(torch.classes), lambda _: (_import_module, ("torch.classes",)))
+
+
+_pickle_torch_classes_by_name()

@@ -226,10 +226,11 @@ def _save(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_probe_weights(tensors_path: Path, out_dir: Path, max_panels: int = 6) -> list[Path]:
-    """Two images of the probes in the job's basis, written next to ``tensors_path``:
-    ``probe_weight_mass.png`` (each probe's share of squared weight per basis component) and
-    ``probe_weights.png`` (weight heatmaps, the 48 classes with the largest weights)."""
+def plot_probe_weights(tensors_path: Path, out_dir: Path, max_panels: int = 8) -> list[Path]:
+    """Two images of the probes in the job's basis, written into ``out_dir``:
+    ``probe_weight_mass.png`` (each probe's squared weight per basis component, relative to an
+    even spread: blue = a direction the probe uses little) and ``probe_weights.png`` (weight
+    heatmaps of up to ``max_panels`` probes, the 48 classes with the largest weights)."""
     from matplotlib.colors import LogNorm
 
     weights, metadata = read_probe_weights(tensors_path)
@@ -239,39 +240,37 @@ def plot_probe_weights(tensors_path: Path, out_dir: Path, max_panels: int = 6) -
     names = list(weights)
     mass = np.stack([(w**2).sum(0) / max(float((w**2).sum()), 1e-30) for w in weights.values()])
     ratio = mass * mass.shape[1]  # 1 = the share every component would get if all were equal
-    positive = ratio[ratio > 0]
-    low = max(float(positive.min()) if positive.size else 1e-6, 1e-6)
-    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.32 * len(names)))
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.32 * len(names)), layout="constrained")
     image = ax.imshow(
-        np.maximum(ratio, low),
+        np.clip(ratio, 0.1, 10),
         aspect="auto",
         interpolation="nearest",
-        cmap="magma",
-        norm=LogNorm(vmin=low, vmax=max(float(ratio.max()), low * 1.01)),
+        cmap="RdBu_r",
+        norm=LogNorm(vmin=0.1, vmax=10),
     )
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel(f"{basis} basis component")
-    ax.set_title(f"each probe's squared weight by component ({basis} basis)", fontsize=9)
-    fig.colorbar(image, ax=ax, label="share / uniform share (log)")
-    fig.tight_layout()
+    ax.set_title(f"squared probe weight by component ({basis} basis), 1 = even spread", fontsize=9)
+    fig.colorbar(image, ax=ax, extend="both", label="share x number of components")
     mass_path = out_dir / "probe_weight_mass.png"
     _save(fig, mass_path)
 
-    picks = [
-        names[i] for i in np.unique(np.linspace(0, len(names) - 1, max_panels).round().astype(int))
-    ]
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.0 * len(picks) + 1, 3.6), squeeze=False)
+    index = np.unique(np.linspace(0, len(names) - 1, min(max_panels, len(names))).round())
+    picks = [names[int(i)] for i in index]
+    limit = max(float(np.quantile(np.abs(weights[n]), 0.99)) for n in picks) or 1.0
+    fig, axes = plt.subplots(
+        1, len(picks), figsize=(2.4 * len(picks) + 1.2, 3.6), squeeze=False, layout="constrained"
+    )
     for ax, name in zip(axes[0], picks, strict=True):
         w = weights[name]
         top = np.sort(np.argsort(-np.linalg.norm(w, axis=1))[:48])
-        limit = float(np.quantile(np.abs(w), 0.99)) or 1.0
         image = ax.imshow(w[top], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(f"{name} ({w.shape[0]}x{w.shape[1]})", fontsize=8)
         ax.set_xlabel("component", fontsize=7)
         ax.tick_params(labelsize=6)
     axes[0][0].set_ylabel("class (48 largest rows)", fontsize=7)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"probe weights in the {basis} basis", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, extend="both")
+    fig.suptitle(f"probe weights in the {basis} basis (shared colour scale)", fontsize=9)
     weights_path = out_dir / "probe_weights.png"
     _save(fig, weights_path)
     return [mass_path, weights_path]
@@ -401,6 +400,38 @@ def track_job(cfg: TrackerConfig, job: JobInfo, resolved: dict[str, Any]) -> dic
     return info
 
 
+def track_study(cfg: TrackerConfig, summary: dict[str, Any], images: list[Path]) -> None:
+    """Log an Optuna study's outcome (best value and parameters, its plots) as one W&B run in
+    the study's group, beside its trials; never raises."""
+    mode = resolve_mode(cfg)
+    if mode == "disabled":
+        return
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=summary["study"],
+            job_type="study",
+            name=f"study {summary['study']}",
+            config=summary,
+            dir=cfg.dir or os.environ.get("WANDB_DIR") or None,
+            mode=mode,  # type: ignore[arg-type]
+            reinit="finish_previous",
+            settings=wandb.Settings(init_timeout=cfg.init_timeout, quiet=True, console="off"),
+        )
+        try:
+            run.summary["best_value"] = summary["best_value"]
+            for key, value in summary["best_params"].items():
+                run.summary[f"best/{key}"] = value
+            run.log({f"images/{p.stem}": wandb.Image(str(p)) for p in images if p.is_file()})
+        finally:
+            run.finish()
+    except Exception as exc:
+        log.warning("W&B study logging (%s) failed: %s", mode, _one_line(exc))
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:300]}"
@@ -474,13 +505,20 @@ def _log_contents(
     log_artifacts: bool,
 ) -> None:
     rows = [r for r in metrics.get("layers", []) if isinstance(r, dict)]
-    # Curves against depth: every numeric per-layer score, x-axis = layer.
+    stats = null_statistics(metrics)
+    # Curves against depth: every numeric per-layer score, and the z and p of every null
+    # statistic that names its layer (by_layer/null/<name without the layer>/z), x-axis = layer.
     run.define_metric("layer")
     run.define_metric("by_layer/*", step_metric="layer")
     for row in rows:
-        run.log(
-            {"layer": row["layer"], **{f"by_layer/{k}": v for k, v in layer_scalars(row).items()}}
-        )
+        point = {f"by_layer/{k}": v for k, v in layer_scalars(row).items()}
+        for stat in stats:
+            if stat.get("layer") == row["layer"]:
+                base = "/".join(p for p in stat["name"].split("/") if p != f"layer_{row['layer']}")
+                for key in ("z", "p", "observed"):
+                    if _is_number(stat.get(key)):
+                        point[f"by_layer/null/{base or 'statistic'}/{key}"] = stat[key]
+        run.log({"layer": row["layer"], **point})
     # Training curves: one line per fitted probe, x-axis = epoch.
     run.define_metric("epoch")
     run.define_metric("fit/*", step_metric="epoch")
@@ -517,7 +555,6 @@ def _log_contents(
         tables["tables/training"] = wandb.Table(
             columns=["probe", "epoch", "train_loss", "val_loss"], data=train_rows
         )
-    stats = null_statistics(metrics)
     if stats:
         extra = sorted({k for s in stats for k in s} - {"name", *STAT_FIELDS})
         stat_columns = ["name", *STAT_FIELDS, *extra]

@@ -68,7 +68,7 @@ def entries(cache: Path) -> list[str]:
 
 def test_racing_jobs_compute_once_and_read_the_same_bytes(tmp_path: Path) -> None:
     cache, go = tmp_path / "cache", tmp_path / "go"
-    procs = [start(cache, 20000, 4, go) for _ in range(3)]
+    procs = [start(cache, 6000, 8, go) for _ in range(3)]
     for proc in procs:
         wait_ready(proc)
     go.touch()
@@ -89,8 +89,8 @@ def test_a_job_killed_holding_the_lock_leaves_nothing_and_the_waiter_recomputes(
     cache, go_first, go_second = tmp_path / "cache", tmp_path / "go1", tmp_path / "go2"
     # The first job extracts slowly (one sequence per batch); batch size is not in the cache key,
     # so the second job asks for the same entry and computes it quickly once it has the lock.
-    first = start(cache, 60000, 1, go_first)
-    second = start(cache, 60000, 64, go_second)
+    first = start(cache, 20000, 1, go_first)
+    second = start(cache, 20000, 64, go_second)
     wait_ready(first)
     wait_ready(second)
     go_first.touch()

@@ -164,6 +164,9 @@ def test_a_job_becomes_one_offline_run_with_everything_logged(tmp_path: Path) ->
     by_layer = run.rows_with("by_layer/top1")
     assert [(r["layer"], r["by_layer/top1"]) for r in by_layer] == [(0, 0.9), (1, 0.8), (2, 0.6)]
     assert "by_layer/top1_rare" not in by_layer[0]  # None is not a number to plot
+    # Null statistics that name their layer are curves on the same axis.
+    z_by_layer = {r["layer"]: r.get("by_layer/null/embedding_alignment/z") for r in by_layer}
+    assert z_by_layer == {0: 14.0, 1: None, 2: 4.0}
     curve = run.rows_with("fit/layer_2/val_loss")
     assert [r["epoch"] for r in curve] == [0, 1, 2]
     assert [r["fit/layer_2/val_loss"] for r in curve] == pytest.approx([3.4, 2.4, 1.4])

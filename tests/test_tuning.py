@@ -15,6 +15,7 @@ from hydra_plugins.probe_sweep_optuna.sweeper import distribution
 from probe_sweep.errors import UserError
 from probe_sweep.tuning import TuningConfig, check_objective, objective
 from tests.conftest import TINY, run_cli
+from tests.wandb_reader import read_run, run_files
 
 PARSER = OverridesParser.create()
 
@@ -82,6 +83,12 @@ def test_ridge_study_finds_the_path_optimum_and_resumes(tmp_path: Path) -> None:
     assert best["best_value"] <= path_best * 1.05, (best, path)
     tuned = (tmp_path / "sweep" / "tuned" / "tuned" / f"{best['study']}.yaml").read_text()
     assert "strength" in tuned
+    # Each trial is a W&B run in the study's group, and so is the study's summary.
+    runs = [read_run(p) for p in run_files(tmp_path / "wandb")]
+    assert {r.run.run_group for r in runs} == {best["study"]}
+    (study_run,) = [r for r in runs if r.run.job_type == "study"]
+    assert study_run.summary["best_value"] == pytest.approx(best["best_value"])
+    assert len(runs) == 1 + 6 - best["n_pruned"]
 
     run_cli([*args, "hydra.sweeper.n_trials=8"], cwd=tmp_path)
     numbers = [int(r["number"]) for r in read_trials(studies[0])]

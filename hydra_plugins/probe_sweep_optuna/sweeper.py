@@ -17,9 +17,10 @@ import itertools
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional  # noqa: UP035 (OmegaConf needs typing generics)
+from typing import Any, Dict, Optional  # noqa: UP035 (OmegaConf needs typing generics)
 
 import optuna
 from hydra.core.config_store import ConfigStore
@@ -37,6 +38,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import TrialState
+
+from probe_sweep.tracking import track_study
 
 log = logging.getLogger(__name__)
 NAMING_GROUPS = ("model", "basis", "probe", "layers")
@@ -177,7 +180,8 @@ class ProbeSweepOptunaSweeper(Sweeper):
         ]
         parts += [o for o in grid_point if o.split("=")[0] not in NAMING_GROUPS]
         prefix = f"{self.study_name}-" if self.study_name else ""
-        return prefix + "-".join(parts).replace("/", "_")
+        # The name travels as an override value and a directory name: keep it plain.
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", prefix + "-".join(parts))
 
     def storage_url(self) -> str:
         if self.storage:
@@ -245,7 +249,10 @@ class ProbeSweepOptunaSweeper(Sweeper):
                 self.tell(study, trial, result)
             done += len(trials)
             returns += results
-        write_summary(study, self.sweep_dir / name, ridge_path_of(returns))
+        summary = write_summary(study, self.sweep_dir / name, ridge_path_of(returns))
+        if summary is not None:
+            tracker = OmegaConf.to_object(self.config.tracker)
+            track_study(tracker, summary, [self.sweep_dir / name / "objective_by_param.png"])
         return returns
 
     @staticmethod
@@ -280,7 +287,7 @@ def ridge_path_of(results: list[JobReturn]) -> dict[str, list[float]] | None:
 
 def write_summary(
     study: optuna.Study, out: Path, ridge_path: dict[str, list[float]] | None = None
-) -> None:
+) -> dict[str, Any] | None:
     """``trials.csv``, ``best.json``, a plot of each parameter against the objective, and
     ``tuned/<study>.yaml``: the best parameters as a config the next sweep can load."""
     out.mkdir(parents=True, exist_ok=True)
@@ -294,7 +301,7 @@ def write_summary(
     complete = [t for t in trials if t.state is TrialState.COMPLETE]
     if not complete:
         log.warning("Study %s has no complete trial", study.study_name)
-        return
+        return None
     best = study.best_trial
     summary = {
         "study": study.study_name,
@@ -331,6 +338,7 @@ def write_summary(
         summary["n_pruned"],
         tuned / f"{study.study_name}.yaml",
     )
+    return summary
 
 
 def plot_study(

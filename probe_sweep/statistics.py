@@ -1,0 +1,449 @@
+"""Stage 6: measurements on fitted probes, each with a seeded null distribution.
+
+Functions take tensors and arrays and know nothing of Hydra. Every null-tested number becomes an
+*entry* ``{"name", "layer", "observed", "null_mean", "null_std", "z", "p", "n_null"}``: ``p`` is
+the one-sided permutation p-value ``(1 + #{null at least as extreme}) / (1 + n_null)`` in the
+direction named by ``alternative`` ("greater": larger = more aligned; "less" for residuals).
+
+- Weight mass: the share of the probe's weight energy on each basis component (columns ordered by
+  importance to W_E), its cumulative curve and the share on the least important half; the null is
+  the same share on a uniformly random half-dimensional subspace (the ``random`` basis).
+- Probe vs embedding (softmax probe, rows paired with W_E's rows of the same token): mean cosine
+  of matched rows; orthogonal-Procrustes residual; linear CKA. Null: shuffle the pairing of
+  rows. Both matrices are centred over rows first (a softmax probe cannot represent a direction
+  shared by all rows). Procrustes and CKA are computed on the top ``subspace_dim`` principal
+  components of each matrix (full-dimension nulls cost an SVD of a d x d matrix per draw);
+  the retained variance is reported.
+- Ridge probe: its map (hidden -> embedding space) against the identity (diagonal share under a
+  permutation of output coordinates) and against W_E's principal subspace (energy share in the
+  top half vs random half-subspaces).
+- Control task (Hewitt & Liang): a fixed random map token type -> one of ``control_labels``
+  labels; selectivity = accuracy - control accuracy.
+- Logit lens: final norm then unembedding at every layer; rank and probability of the *input*
+  token. Unlikely tokens: |cosine| of the hidden state with the embeddings of the tokens the
+  final layer ranks lowest vs highest vs random tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StatisticsConfig:
+    """``n_permutations``: draws per null. ``subspace_dim``: principal components kept for CKA /
+    Procrustes. ``control_task``: also fit the Hewitt & Liang control probe (one more probe per
+    layer). ``logit_lens``: logit-lens and unlikely-token read-outs (models with an unembedding).
+    ``lens_rows``: held-out positions they use. ``unlikely_k``: tokens per set."""
+
+    enabled: bool = True
+    n_permutations: int = 1000
+    subspace_dim: int = 64
+    control_task: bool = False
+    control_labels: int = 32
+    logit_lens: bool = True
+    lens_rows: int = 1024
+    unlikely_k: int = 50
+
+
+def _f(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def entry(
+    name: str,
+    layer: int | None,
+    observed: float,
+    null: torch.Tensor | np.ndarray,
+    alternative: str = "greater",
+) -> dict[str, Any]:
+    """One null-tested number as a plain dict (JSON- and tracker-ready)."""
+    null = torch.as_tensor(null, dtype=torch.float64)
+    mean, std = null.mean().item(), null.std().item()
+    extreme = (null >= observed) if alternative == "greater" else (null <= observed)
+    return {
+        "name": name,
+        "layer": layer,
+        "observed": _f(observed),
+        "null_mean": _f(mean),
+        "null_std": _f(std),
+        "z": _f((observed - mean) / std) if std > 0 else None,
+        "p": (1 + int(extreme.sum())) / (1 + len(null)),
+        "n_null": len(null),
+        "alternative": alternative,
+    }
+
+
+# --- weight mass ------------------------------------------------------------------------------
+
+
+def weight_mass(weight: torch.Tensor) -> dict[str, Any]:
+    """Energy share per column of ``weight`` (C, k), columns in importance order."""
+    energy = weight.double().pow(2).sum(0)
+    share = energy / energy.sum().clamp_min(1e-300)
+    cumulative = share.cumsum(0)
+    half = weight.shape[1] // 2
+    return {
+        "share": share.tolist(),
+        "cumulative": cumulative.tolist(),
+        "bottom_half_share": share[half:].sum().item(),
+    }
+
+
+def random_subspace_share(
+    weight: torch.Tensor, dim: int, n_draws: int, seed: int, batch: int = 100
+) -> torch.Tensor:
+    """Null draws of the energy share of ``weight`` (C, d) on a uniformly random ``dim``-
+    dimensional subspace of R^d (the bottom half of a random orthogonal basis)."""
+    w = weight.double()
+    gram = w.T @ w
+    total = torch.trace(gram)
+    d = w.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n_draws, batch):
+        b = min(batch, n_draws - start)
+        q, _ = torch.linalg.qr(torch.randn(b, d, dim, generator=gen, dtype=torch.float64))
+        out.append(((gram @ q) * q).sum((1, 2)) / total)
+    return torch.cat(out)
+
+
+def subspace_share(weight: torch.Tensor, directions: torch.Tensor) -> float:
+    """Energy share of ``weight`` (C, d) on the span of orthonormal ``directions`` (d, r)."""
+    w = weight.double()
+    return ((w @ directions.double()).pow(2).sum() / w.pow(2).sum()).item()
+
+
+# --- probe vs embedding -----------------------------------------------------------------------
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x - x.mean(0)
+
+
+def _top_components(x: torch.Tensor, r: int) -> tuple[torch.Tensor, float]:
+    """Scores on the top-r principal components (C, r) and the variance share they keep."""
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    r = min(r, len(s))
+    return u[:, :r] * s[:r], (s[:r].pow(2).sum() / s.pow(2).sum().clamp_min(1e-300)).item()
+
+
+def _permutations(n: int, n_draws: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.argsort(torch.rand(n_draws, n, generator=gen), dim=1)
+
+
+def matched_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    an = torch.nn.functional.normalize(_centre(a), dim=1)
+    bn = torch.nn.functional.normalize(_centre(b), dim=1)
+    return (an * bn).sum(1).mean().item()
+
+
+def procrustes_residual(a: torch.Tensor, b: torch.Tensor) -> float:
+    """min over orthogonal R of ||A R - B||_F^2 with A, B centred and scaled to unit norm:
+    2 - 2 * nuclear_norm(A^T B)."""
+    a, b = _centre(a), _centre(b)
+    a, b = a / a.norm(), b / b.norm()
+    return 2 - 2 * torch.linalg.svdvals(a.T @ b).sum().item()
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = _centre(a), _centre(b)
+    return ((a.T @ b).pow(2).sum() / ((a.T @ a).norm() * (b.T @ b).norm())).item()
+
+
+def probe_embedding_statistics(
+    probe_weight: torch.Tensor,
+    embedding_rows: torch.Tensor,
+    layer: int | None,
+    n_permutations: int,
+    subspace_dim: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Matched-row cosine, Procrustes residual and linear CKA of the probe weight (C, d) against
+    the embedding rows (C, d) of the same tokens, each with a row-shuffle null."""
+    a, b = _centre(probe_weight), _centre(embedding_rows)
+    perms = _permutations(len(a), n_permutations, seed)
+    # Cosine: the full (C, C) cosine matrix once, then one gather per draw.
+    an = torch.nn.functional.normalize(a, dim=1)
+    bn = torch.nn.functional.normalize(b, dim=1)
+    cos = an @ bn.T
+    observed_cos = cos.diagonal().mean().item()
+    null_cos = cos.gather(1, perms.T).mean(0)
+    # Procrustes and CKA in the top principal components of each matrix.
+    ar, keep_a = _top_components(a, subspace_dim)
+    br, keep_b = _top_components(b, subspace_dim)
+    ar, br = ar / ar.norm(), br / br.norm()
+    norm_aa, norm_bb = (ar.T @ ar).norm(), (br.T @ br).norm()
+
+    def scores(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = 2 - 2 * torch.linalg.svdvals(m).sum(-1)
+        cka = m.pow(2).sum((-2, -1)) / (norm_aa * norm_bb)
+        return residual, cka
+
+    obs_res, obs_cka = scores(ar.T @ br)
+    null_res, null_cka = [], []
+    for start in range(0, n_permutations, 100):
+        m = ar.T.float() @ br.float()[perms[start : start + 100]]
+        r, c = scores(m.double())
+        null_res.append(r)
+        null_cka.append(c)
+    out = [
+        entry("probe_embedding_cosine", layer, observed_cos, null_cos),
+        entry("probe_embedding_procrustes", layer, obs_res.item(), torch.cat(null_res), "less"),
+        entry("probe_embedding_cka", layer, obs_cka.item(), torch.cat(null_cka)),
+    ]
+    for e in out[1:]:
+        e["variance_kept"] = [keep_a, keep_b]
+    return out
+
+
+def ridge_map_statistics(
+    map_natural: torch.Tensor,
+    embedding: torch.Tensor,
+    layer: int | None,
+    n_permutations: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The ridge map M (d_in, d_out: row-vector hidden -> embedding space) against the identity
+    (share of |M| on the diagonal, null: permuted output coordinates) and against W_E's
+    principal subspace (energy of M's outputs in W_E's top d/2 principal directions, null:
+    random d/2-dimensional subspaces)."""
+    m = map_natural.double()
+    d = m.shape[0]
+    perms = _permutations(d, n_permutations, seed)
+    total = m.abs().sum()
+    observed = (m.diagonal().abs().sum() / total).item()
+    null = m.abs().gather(1, perms.T).sum(0) / total
+    centred = _centre(embedding)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    top = vh[: d // 2].T
+    share = subspace_share(m, top)
+    null_share = random_subspace_share(m, d // 2, n_permutations, seed + 1)
+    return [
+        entry("ridge_map_identity", layer, observed, null),
+        entry("ridge_map_embedding_subspace", layer, share, null_share),
+    ]
+
+
+# --- control task -----------------------------------------------------------------------------
+
+
+def control_task_labels(vocab_size: int, n_labels: int, seed: int) -> np.ndarray:
+    """Hewitt & Liang control task: a fixed random label in 0..n_labels-1 for every token type."""
+    return np.random.default_rng(seed).integers(0, n_labels, size=vocab_size)
+
+
+# --- logit lens and unlikely tokens ----------------------------------------------------------
+
+
+@torch.no_grad()
+def lens_logits(
+    hidden: torch.Tensor,
+    unembedding: torch.Tensor,
+    final_norm: torch.nn.Module | None,
+    apply_norm: bool,
+) -> torch.Tensor:
+    """Logit lens: ``final_norm(h) @ U^T`` (the norm is skipped where HF already applied it)."""
+    h = hidden.float()
+    if apply_norm and final_norm is not None:
+        h = final_norm.float().to(h.device)(h)
+    return h @ unembedding.float().to(h.device).T
+
+
+@torch.no_grad()
+def input_token_readout(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Rank (1 = top) and probability of the input token under logit-lens logits (N, V)."""
+    target_logit = logits.gather(1, targets[:, None])
+    rank = (logits > target_logit).sum(1).double() + 1
+    prob = torch.softmax(logits.double(), 1).gather(1, targets[:, None])[:, 0]
+    return {
+        "lens_input_top1": (rank == 1).double().mean().item(),
+        "lens_input_median_rank": rank.median().item(),
+        "lens_input_mean_log_rank": rank.log().mean().item(),
+        "lens_input_prob": prob.mean().item(),
+    }
+
+
+@torch.no_grad()
+def token_set_projection(
+    hidden: torch.Tensor,
+    embedding: torch.Tensor,
+    final_logits: torch.Tensor,
+    k: int,
+    layer: int,
+    n_draws: int,
+    seed: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Mean |cos(h, e_t)| over the k tokens the final layer ranks lowest (unlikely) and highest
+    (likely) at each position, with a null of k random tokens per draw."""
+    hn = torch.nn.functional.normalize(hidden.float(), dim=1)
+    en = torch.nn.functional.normalize(embedding.float().to(hn.device), dim=1)
+    cos = (hn @ en.T).abs()  # (N, V)
+    low = final_logits.topk(k, dim=1, largest=False).indices
+    high = final_logits.topk(k, dim=1).indices
+    unlikely = cos.gather(1, low).mean().item()
+    likely = cos.gather(1, high).mean().item()
+    gen = torch.Generator().manual_seed(seed)
+    per_token = cos.mean(0)  # mean over positions of each token's |cos|
+    draws = torch.randint(0, cos.shape[1], (n_draws, k), generator=gen)
+    null = per_token.cpu()[draws].mean(1)
+    values = {"proj_unlikely": unlikely, "proj_likely": likely, "proj_random": null.mean().item()}
+    entries = [
+        entry("unlikely_token_projection", layer, unlikely, null),
+        entry("likely_token_projection", layer, likely, null),
+    ]
+    return values, entries
+
+
+# --- one fitted probe -------------------------------------------------------------------------
+
+
+def probe_statistics(
+    weight: torch.Tensor,
+    map_weight: torch.Tensor | None,
+    encoder: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    embedding: torch.Tensor,
+    layer: int | None,
+    cfg: StatisticsConfig,
+    seed: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Everything measured on one probe: null-tested entries, the per-layer row fields, and the
+    weight-mass curve. ``weight`` (C, k) is the probe weight in basis coordinates (rows pair
+    with ``class_embeddings``); ``map_weight`` (d, k) the ridge map; ``encoder`` (d, k) the
+    basis encoder (coordinates = h @ encoder)."""
+    weight, encoder = weight.detach().double().cpu(), encoder.double().cpu()
+    source = map_weight.detach().double().cpu() if map_weight is not None else weight
+    mass = weight_mass(source)
+    k = source.shape[1]
+    null_mass = random_subspace_share(source, k - k // 2, cfg.n_permutations, seed)
+    entries = [entry("weight_mass_bottom_half", layer, mass["bottom_half_share"], null_mass)]
+    if map_weight is None:
+        natural = weight @ encoder.T
+        entries += probe_embedding_statistics(
+            natural, class_embeddings.cpu(), layer, cfg.n_permutations, cfg.subspace_dim, seed
+        )
+    else:
+        map_natural = encoder @ source.T  # (d_in, d_emb): row-vector h -> embedding space
+        entries += ridge_map_statistics(
+            map_natural, embedding.cpu(), layer, cfg.n_permutations, seed
+        )
+    row: dict[str, Any] = {}
+    for e in entries:
+        row[e["name"]] = e["observed"]
+        row[e["name"] + "_z"] = e["z"]
+    return entries, row, mass
+
+
+def format_entries(entries: list[dict[str, Any]]) -> str:
+    """A fixed-width table of null-tested statistics for the console."""
+    lines = [f"{'statistic':>30}  {'layer':>5}  {'observed':>10}  {'null':>17}  {'z':>8}  {'p':>7}"]
+    for e in entries:
+        null = f"{e['null_mean']:.4f}+-{e['null_std']:.4f}" if e["null_mean"] is not None else "-"
+        z = f"{e['z']:8.2f}" if e["z"] is not None else f"{'-':>8}"
+        layer = "all" if e["layer"] is None else str(e["layer"])
+        lines.append(
+            f"{e['name']:>30}  {layer:>5}  {e['observed']:10.4f}  {null:>17}  {z}  {e['p']:7.4f}"
+        )
+    return "\n".join(lines)
+
+
+# --- one job ----------------------------------------------------------------------------------
+
+
+def job_statistics(
+    fits: dict[str, Any],
+    results: list[dict[str, Any]],
+    encoder: torch.Tensor,
+    embedding: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    cfg: StatisticsConfig,
+    seed: int,
+    control_scores: Callable[[int], dict[str, Any]] | None = None,
+    lens_hidden: Callable[[int], torch.Tensor] | None = None,
+    lens_targets: torch.Tensor | None = None,
+    unembedding: torch.Tensor | None = None,
+    final_norm: torch.nn.Module | None = None,
+    final_layer: int | None = None,
+) -> dict[str, Any]:
+    """Every measurement of one job. ``fits``: probe name -> FitResult (``.probe.weight``,
+    ``.map_weight``); ``results``: the per-layer rows, which get extra fields in place.
+    ``control_scores(layer)``: held-out scores of the control-task probe. ``lens_hidden(layer)``:
+    natural-coordinate hidden states of held-out positions whose input tokens are
+    ``lens_targets``; ``final_layer``: the layer whose HF hidden state already has the final
+    norm applied (None if it was not extracted)."""
+    entries: list[dict[str, Any]] = []
+    masses: dict[str, Any] = {}
+    fields: dict[str, dict[str, Any]] = {}
+    for name, fit in fits.items():
+        layer = next((r["layer"] for r in results if r["probe"] == name), None)
+        layer = None if name == "pooled" else layer
+        found, row, mass = probe_statistics(
+            fit.probe.weight, fit.map_weight, encoder, class_embeddings, embedding, layer, cfg, seed
+        )
+        entries += found
+        masses[name] = mass
+        fields[name] = row
+    for row in results:
+        row.update(fields[row["probe"]])
+    if control_scores is not None:
+        for row in results:
+            control = control_scores(row["layer"])
+            row["control_top1"] = control["top1"]
+            row["selectivity"] = row["top1"] - control["top1"]
+    lens: list[dict[str, Any]] = []
+    if cfg.logit_lens and unembedding is not None and lens_hidden is not None:
+        assert lens_targets is not None
+        final_logits = None
+        if final_layer is not None:
+            final_logits = lens_logits(lens_hidden(final_layer), unembedding, final_norm, False)
+        for row in results:
+            layer = row["layer"]
+            hidden = lens_hidden(layer)
+            logits = lens_logits(hidden, unembedding, final_norm, layer != final_layer)
+            readout = {"layer": layer, **input_token_readout(logits, lens_targets)}
+            if final_logits is not None:
+                values, found = token_set_projection(
+                    hidden, embedding, final_logits, cfg.unlikely_k, layer, cfg.n_permutations, seed
+                )
+                readout.update(values)
+                entries += found
+            readout["probe_minus_lens_top1"] = row["top1"] - readout["lens_input_top1"]
+            row.update({k: v for k, v in readout.items() if k != "layer"})
+            lens.append(readout)
+    return {"entries": entries, "weight_mass": masses, "logit_lens": lens}
+
+
+LAYER_FIELDS = [
+    "top1",
+    "control_top1",
+    "selectivity",
+    "lens_input_top1",
+    "lens_input_median_rank",
+    "probe_minus_lens_top1",
+    "proj_unlikely",
+    "proj_likely",
+    "proj_random",
+]
+
+
+def format_layers(rows: list[dict[str, Any]]) -> str:
+    """Per-layer control / logit-lens / unlikely-token fields that are present."""
+    columns = ["layer"] + [c for c in LAYER_FIELDS if any(c in r for r in rows)]
+    lines = ["  ".join(f"{c[:22]:>22}" for c in columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            cells.append(f"{value:>22.4f}" if isinstance(value, float) else f"{value!s:>22}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Launcher presets, and sweeps that survive failure and skip finished jobs when re-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import probe_sweep.__main__  # noqa: F401  (registers the schema and the presets' resolver)
+from tests.conftest import CONF, run_cli
+
+pytestmark = pytest.mark.e2e
+
+FAST = ["model=tiny", "data.token_budget=2000", "data.seq_len=64", "probe.max_epochs=2"]
+
+
+def launcher_config(preset: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"hydra/launcher={preset}", *overrides],
+            return_hydra_config=True,
+        )
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)  # type: ignore[return-value]
+
+
+def test_presets_compose_with_the_settings_a_cluster_user_sets() -> None:
+    local = launcher_config("local")
+    assert local["_target_"].endswith("JoblibLauncher")
+    assert isinstance(local["n_jobs"], int) and local["n_jobs"] >= 1
+
+    sub = launcher_config("local_submitit")
+    assert sub["_target_"].endswith("submitit_launcher.LocalLauncher")
+
+    slurm = launcher_config(
+        "slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=2",
+        "hydra.launcher.timeout_min=30",
+        "hydra.launcher.mem_gb=32",
+        "hydra.launcher.array_parallelism=5",
+        "hydra.launcher.setup=[module load cuda]",
+    )
+    assert slurm["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert (slurm["partition"], slurm["gpus_per_node"], slurm["timeout_min"]) == ("gpu", 2, 30)
+    assert (slurm["mem_gb"], slurm["array_parallelism"]) == (32, 5)
+    assert slurm["setup"] == ["module load cuda"]
+    assert slurm["max_num_timeout"] >= 1, "time-outs must requeue the job"
+    assert launcher_config("slurm")["gpus_per_node"] == 1
+
+
+def job_dirs(sweep: Path) -> dict[str, Path]:
+    """Job dirs of a reg.strength sweep, by strength."""
+    dirs = {}
+    for hydra_dir in sweep.glob("*/.hydra"):
+        overrides = (hydra_dir / "overrides.yaml").read_text()
+        strength = overrides.split("reg.strength=")[1].split()[0]
+        dirs[strength] = hydra_dir.parent
+    return dirs
+
+
+def logs(sweep: Path) -> str:
+    return "".join(p.read_text() for p in sorted(sweep.glob("*/probe_sweep.log")))
+
+
+def test_a_failing_job_leaves_the_others_complete_and_a_rerun_skips_finished_jobs(
+    tmp_path: Path,
+) -> None:
+    sweep = tmp_path / "sweep"
+    args = [*FAST, "reg.strength=0,0.001,-1", f"hydra.sweep.dir={sweep}"]
+
+    # 1. Three jobs as separate processes (submitit's local executor); one fails mid-sweep.
+    first = run_cli(["-m", "hydra/launcher=local_submitit", *args], cwd=tmp_path)
+    dirs = job_dirs(sweep)
+    assert sorted(dirs) == ["-1", "0", "0.001"], first.stdout
+    failed = json.loads((dirs["-1"] / "failed.json").read_text())
+    assert failed["type"] == "UserError"
+    assert failed["error"] == "reg.strength=-1.0 is negative; use a value >= 0"
+    assert "reg.strength=-1" in failed["overrides"]
+    assert not (dirs["-1"] / "metrics.json").exists()
+    complete = {}
+    for strength in ("0", "0.001"):
+        metrics = json.loads((dirs[strength] / "metrics.json").read_text())
+        assert metrics["job"]["key"] and (dirs[strength] / "probes.safetensors").is_file()
+        assert not (dirs[strength] / "failed.json").exists()
+        complete[strength] = metrics
+    assert complete["0"]["job"]["key"] != complete["0.001"]["job"]["key"]
+    assert logs(sweep).count("Cached activations") == 1, "the cache was computed twice"
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 1
+    assert list(sweep.glob(".submitit/*")), "submitit did not run the jobs"
+
+    # 2. The same sweep again, with the joblib preset: the finished job is skipped by its content
+    # key, the job whose results were deleted is redone, the failing one fails again.
+    kept = (dirs["0"] / "metrics.json").stat().st_mtime_ns
+    (dirs["0.001"] / "metrics.json").unlink()
+    second = run_cli(["-m", "hydra/launcher=local", *args], cwd=tmp_path)
+    assert job_dirs(sweep) == dirs, "a re-run wrote to other job dirs"
+    assert (dirs["0"] / "metrics.json").stat().st_mtime_ns == kept
+    skipped_log = (dirs["0"] / "probe_sweep.log").read_text()
+    assert "Skipped: complete results for this config" in skipped_log
+    redone = json.loads((dirs["0.001"] / "metrics.json").read_text())
+    assert redone["job"]["key"] == complete["0.001"]["job"]["key"]
+    assert redone["cache"]["reused"] is True
+    assert redone["layers"] == complete["0.001"]["layers"], "same config, different numbers"
+    assert (dirs["-1"] / "failed.json").exists(), second.stdout
+
+    # 3. redo=true reruns a finished job in place.
+    run_cli(["-m", *FAST, "reg.strength=0", "redo=true", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert (dirs["0"] / "metrics.json").stat().st_mtime_ns != kept
+    assert (
+        json.loads((dirs["0"] / "metrics.json").read_text())["job"]["key"]
+        == (complete["0"]["job"]["key"])
+    )
+
+
+def test_a_crash_outside_user_errors_is_recorded_too(tmp_path: Path) -> None:
+    """Any exception in a multirun job becomes failed.json with its class, not a dead sweep."""
+    sweep = tmp_path / "sweep"
+    # A file where the activation cache directory should be: extraction raises an OSError.
+    (tmp_path / "not_a_dir").write_text("")
+    run_cli(
+        [
+            "-m",
+            *FAST,
+            "reg.strength=0",
+            f"activations.cache_dir={tmp_path / 'not_a_dir'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    (failed_path,) = sweep.glob("*/failed.json")
+    assert "cache_dir" not in failed_path.parent.name, "a path named the job dir"
+    failed = json.loads(failed_path.read_text())
+    assert failed["type"] in ("FileExistsError", "NotADirectoryError", "OSError"), failed
+    assert "\n" not in failed["error"]

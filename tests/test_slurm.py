@@ -1,0 +1,156 @@
+"""A real SLURM cluster: launchers/slurm_cluster.sh brings up slurmctld + slurmd on this machine,
+the sweep goes out as an array job through the `slurm` launcher preset, and the cluster is torn
+down at the end. Skipped only where SLURM cannot be installed (not Linux, not root, no apt-get,
+packages unreachable)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONF, REPO, run_cli
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = REPO / "launchers" / "slurm_cluster.sh"
+CANNOT_INSTALL = 3
+FAST = ["model=tiny", "data.token_budget=2000", "data.seq_len=64", "probe.max_epochs=2"]
+# The preset as a user sets it for this one-node cluster (no GPUs, small jobs).
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.timeout_min=10",
+    "hydra.launcher.setup=['export PROBE_SWEEP_SETUP=ran']",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[None]:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("SLURM cannot be installed here: launchers/slurm_cluster.sh needs Linux")
+    have_slurm = all(shutil.which(t) for t in ("slurmctld", "slurmd", "munged"))
+    if not have_slurm and (os.geteuid() != 0 or not shutil.which("apt-get")):
+        pytest.skip("SLURM cannot be installed here: it is absent and installing needs root + apt")
+    up = subprocess.run(
+        ["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900, check=False
+    )
+    if up.returncode == CANNOT_INSTALL:
+        pytest.skip(up.stderr.strip().splitlines()[-1])
+    assert up.returncode == 0, f"the cluster did not come up:\n{up.stdout}\n{up.stderr}"
+    try:
+        yield
+    finally:
+        if up.stdout.strip() == "started":
+            subprocess.run(["bash", str(SCRIPT), "down"], timeout=120, check=False)
+
+
+def sweep_args() -> list[str]:
+    """basis=pca,nmf,natural where those bases exist; otherwise a sweep over reg.strength."""
+    if all((CONF / "basis" / f"{b}.yaml").is_file() for b in ("pca", "nmf")):
+        return ["basis=pca,nmf,natural"]
+    return ["basis=natural", "reg.strength=0,0.001,0.01"]
+
+
+def test_a_sweep_runs_as_a_slurm_array_job_with_one_shared_cache(
+    slurm_cluster: None, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *SLURM, *FAST, *sweep_args(), f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    metrics = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+    assert len(metrics) == 3, proc.stdout + proc.stderr
+    assert not list(sweep.glob("*/failed.json"))
+    jobs = [m["job"] for m in metrics]
+    assert all(j["slurm_job_id"] for j in jobs), jobs
+    assert len({j["slurm_job_id"] for j in jobs}) == 3
+    assert len({j["slurm_array_job_id"] for j in jobs}) == 1, "not one array job"
+    assert sorted(j["slurm_array_task_id"] for j in jobs) == ["0", "1", "2"]
+    assert {j["slurm_partition"] for j in jobs} == {"debug"}
+    for m in metrics:
+        assert [row["layer"] for row in m["layers"]] == [0, 1, 2]
+        assert all(0 <= row["top1"] <= 1 for row in m["layers"])
+    assert len({m["job"]["key"] for m in metrics}) == 3
+
+    # The cache: one entry, computed by exactly one job; the others reused it.
+    logs = "".join(p.read_text() for p in sweep.glob("*/probe_sweep.log"))
+    assert logs.count("Cached activations") == 1, logs
+    assert logs.count("Reusing cached activations") == 2
+    assert sorted(m["cache"]["reused"] for m in metrics) == [False, True, True]
+    assert len({m["cache"]["key"] for m in metrics}) == 1
+
+    # What went to sbatch: one array of 3 on the partition, with the setup lines.
+    array_id = jobs[0]["slurm_array_job_id"]
+    script = (sweep / ".submitit" / array_id / f"{array_id}_submission.sh").read_text()
+    assert "#SBATCH --array=0-2" in script and "#SBATCH --partition=debug" in script
+    assert "export PROBE_SWEEP_SETUP=ran" in script
+    state = subprocess.run(
+        ["scontrol", "show", "job", array_id], capture_output=True, text=True, check=False
+    ).stdout
+    assert "JobState=COMPLETED" in state, state
+
+
+def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
+    slurm_cluster: None, tmp_path: Path
+) -> None:
+    """SIGUSR2 is what SLURM sends signal_delay_s before the time limit; submitit checkpoints
+    the job and requeues it, and the second run reuses the activations the first one cached."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        *SLURM,
+        *FAST,
+        "probe.max_epochs=20",
+        "probe.patience=20",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "probe_sweep", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            logs = "".join(p.read_text() for p in sweep.glob("*/probe_sweep.log"))
+            if "Cached activations" in logs:
+                break
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.2)
+        (job_dir,) = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+        subprocess.run(["scancel", "--signal=USR2", job_dir], check=True)
+        # Requeued jobs wait about two minutes before they are eligible; start it now.
+        deadline = time.time() + 60
+        while "Restarts=1" not in show_job(job_dir) and time.time() < deadline:
+            time.sleep(0.5)
+        assert "Restarts=1" in show_job(job_dir), show_job(job_dir)
+        subprocess.run(["scontrol", "update", f"jobid={job_dir}", "StartTime=now"], check=True)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    (metrics_path,) = sweep.glob("*/metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["job"]["slurm_job_id"] == job_dir
+    assert metrics["job"]["slurm_restart_count"] == "1"
+    assert metrics["cache"]["reused"] is True, "the requeued job extracted again"
+    log = (metrics_path.parent / "probe_sweep.log").read_text()
+    assert log.count("Cached activations") == 1 and log.count("Reusing cached activations") == 1
+
+
+def show_job(job_id: str) -> str:
+    return subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False
+    ).stdout
