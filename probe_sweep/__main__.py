@@ -208,7 +208,9 @@ def run_job(
     if stats_cfg.enabled:
 
         def control_scores(layer: int) -> dict[str, Any]:
-            mapping = pstats.control_task_labels(info.vocab_size, stats_cfg.control_labels, config.seed)
+            mapping = pstats.control_task_labels(
+                info.vocab_size, stats_cfg.control_labels, config.seed
+            )
             control = {p: torch.from_numpy(mapping[targets[r]]).to(device) for p, r in rows.items()}
             fit = fit_softmax_probe(
                 *(inputs(TRAIN, layer), control[TRAIN], inputs(VAL, layer), control[VAL]),

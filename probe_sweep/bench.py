@@ -42,6 +42,7 @@ from probe_sweep.activations import ActivationsConfig, ActivationStore, extract
 from probe_sweep.data import TEST, TRAIN, VAL, DataConfig, build_corpus
 from probe_sweep.model import ModelConfig, inspect_model, load_model, load_tokenizer
 from probe_sweep.probes import (
+    Precision,
     ProbeConfig,
     RegConfig,
     RegKind,
@@ -312,6 +313,10 @@ def section_softmax(s: Setup, layers: list[int], out: list[Row]) -> None:
     cfg = ProbeConfig(max_epochs=args.max_epochs)
     ours_total = sk_total = 0.0
     matched = True
+    dtype = (
+        probes.matmul_dtype(s.device, cfg.precision) if hasattr(probes, "matmul_dtype") else None
+    )
+    precision_rows = []
     for layer in layers:
         d = _standardised(s, layer)
         x, y = d["x"], d["y"]
@@ -326,6 +331,35 @@ def section_softmax(s: Setup, layers: list[int], out: list[Row]) -> None:
 
         t_ours, fit = timed(ours, args.repeats)
         acc_ours = score_probe(fit.probe, x[TEST], y[TEST], everything)["top1"]
+        if dtype is not None and dtype != torch.float32:
+            start = time.perf_counter()
+            fit32 = fit_softmax_probe(
+                x[TRAIN],
+                y[TRAIN],
+                x[VAL],
+                y[VAL],
+                len(s.classes),
+                reg,
+                ProbeConfig(max_epochs=args.max_epochs, precision=Precision.float32),
+                seed=0,
+                desc="bench float32",
+            )
+            sync(s.device)
+            t32 = time.perf_counter() - start
+            acc32 = score_probe(fit32.probe, x[TEST], y[TEST], everything)["top1"]
+            precision_rows.append(
+                Row(
+                    "2 softmax probe",
+                    f"layer {layer}: {str(dtype).removeprefix('torch.')} matmuls vs float32 "
+                    f"(same data, seed): fit s (held-out top-1), {len(fit.history)} vs "
+                    f"{len(fit32.history)} epochs; float32 timed once",
+                    f"{t_ours:.2f} ({acc_ours:.4f})",
+                    f"{t32:.2f} ({acc32:.4f})",
+                    f"{t32 / t_ours:.1f}x faster",
+                    "|d top-1| <= 0.005",
+                    _ok(abs(acc_ours - acc32) <= 0.005) + f" (d top-1 {acc_ours - acc32:+.4f})",
+                )
+            )
         keep, xs = d["keep"], d["xs"]
         y_train = y[TRAIN].cpu().numpy()[keep]
         # Our objective is mean cross-entropy + strength * ||W||^2; scikit-learn's is
@@ -348,7 +382,8 @@ def section_softmax(s: Setup, layers: list[int], out: list[Row]) -> None:
         out.append(
             Row(
                 "2 softmax probe",
-                f"layer {layer}: fit s (held-out top-1); ours {len(fit.history)} epochs, "
+                f"layer {layer}: fit s (held-out top-1); ours {len(fit.history)} epochs "
+                f"({str(dtype).removeprefix('torch.')} matmuls), "
                 f"sklearn lbfgs {int(clf.n_iter_[0])} iterations",
                 f"{t_ours:.2f} ({acc_ours:.4f})",
                 f"{t_sk:.2f} ({acc_sk:.4f})",
@@ -370,6 +405,7 @@ def section_softmax(s: Setup, layers: list[int], out: list[Row]) -> None:
             _ok(ratio >= 20 and matched),
         )
     )
+    out.extend(precision_rows)
 
 
 def section_ridge(s: Setup, layer: int, out: list[Row]) -> None:
@@ -628,7 +664,7 @@ def report(args: argparse.Namespace, rows: list[Row], notes: list[str], seconds:
         f"## {now}: {args.model}, {args.token_budget} tokens",
         "",
         *(f"- {k}: {v}" for k, v in info.items()),
-        f"- command: `python -m probe_sweep.bench {' '.join(args.argv)}`".replace(" `", "`"),
+        f"- command: `python -m probe_sweep.bench {' '.join(args.argv)}`",
         f"- total bench time: {seconds:.0f} s. Ours: median of {args.repeats} runs; scikit-learn: "
         f"median of {args.sk_repeats}. Reference column = scikit-learn (2, 3), one job (4).",
         "",

@@ -129,10 +129,13 @@ def claim_gpu(
         yield device
         return
     lock_dir = lock_dir or Path(tempfile.gettempdir())
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-")
+    # Locks are named by physical GPU, so jobs that see the GPUs through different
+    # CUDA_VISIBLE_DEVICES settings still never share one.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    physical = visible if len(visible) == count else [str(i) for i in range(count)]
     locks = [
-        FileLock(str(lock_dir / f"probe_sweep-{os.getuid()}-gpus-{visible}-{i}.lock"))
-        for i in range(count)
+        FileLock(str(lock_dir / f"probe_sweep-{os.getuid()}-gpu-{gpu.strip()}.lock"))
+        for gpu in physical
     ]
     waited = False
     while True:
@@ -160,9 +163,11 @@ def local_jobs() -> int:
 
 
 def prepare_launchers() -> None:
-    """Register the resolver the launcher presets use."""
+    """Register the resolvers the launcher presets use."""
     if not OmegaConf.has_resolver("probe_sweep_local_jobs"):
         OmegaConf.register_new_resolver("probe_sweep_local_jobs", local_jobs)
+    if not OmegaConf.has_resolver("probe_sweep_gpus"):
+        OmegaConf.register_new_resolver("probe_sweep_gpus", cuda_count)
 
 
 def _import_module(name: str) -> Any:

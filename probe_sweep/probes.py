@@ -9,6 +9,7 @@ Both probe kinds end as a ``LinearProbe``: logits over a fixed set of classes (t
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,6 +38,16 @@ class RegKind(Enum):
     none = "none"
 
 
+class Precision(Enum):
+    """Precision of the softmax probe's training matmuls (weights, loss and validation stay
+    float32). ``auto``: bfloat16 where the device runs it natively (CUDA with bf16, CPUs with
+    AVX512-BF16/AMX), else float32."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 @dataclass
 class ProbeConfig:
     """``classes=seen``: the softmax is over token types seen in training (held-out tokens of
@@ -48,6 +59,7 @@ class ProbeConfig:
     lr: float = 0.01
     max_epochs: int = 30
     patience: int = 2
+    precision: Precision = Precision.auto
     # ridge only: strengths at which the whole regularisation path is scored on validation
     path_strengths: list[float] = field(default_factory=list)
 
@@ -102,10 +114,43 @@ def frequent_types(train_tokens: np.ndarray, mass: float = 0.5) -> np.ndarray:
     return types[order[: int(np.searchsorted(covered, mass)) + 1]]
 
 
-def _standardisation(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _standardisation(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, float]:
+    """Mean row and one scalar scale; in chunks, so no centred copy of ``x`` is made."""
     mean = x.mean(0)
-    scale = (x - mean).pow(2).sum(1).mean().sqrt().item() / math.sqrt(x.shape[1])
+    total = sum(
+        (x[start : start + chunk] - mean).pow(2).sum().item() for start in range(0, len(x), chunk)
+    )
+    scale = math.sqrt(total / max(len(x), 1)) / math.sqrt(x.shape[1])
     return mean, max(scale, 1e-8)
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def matmul_dtype(device: torch.device, precision: Precision) -> torch.dtype:
+    """The dtype the softmax probe's training matmuls run in on ``device``."""
+    if precision is Precision.float32:
+        return torch.float32
+    if precision is Precision.bfloat16:
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose label is a class; no copy when all are."""
+    keep = y >= 0
+    return (x, y) if bool(keep.all()) else (x[keep], y[keep])
 
 
 def _penalty(weight: torch.Tensor, reg: RegConfig) -> torch.Tensor:
@@ -138,10 +183,12 @@ def fit_softmax_probe(
 ) -> FitResult:
     """Minibatch Adam on cross-entropy + penalty; keep the epoch with the lowest validation
     loss and stop after ``patience`` epochs without improvement. ``y == -1`` rows (types not in
-    the class set) cannot enter a cross-entropy and are left out of training and validation."""
-    keep_train, keep_val = y_train >= 0, y_val >= 0
-    x_train, y_train = x_train[keep_train], y_train[keep_train]
-    x_val, y_val = x_val[keep_val], y_val[keep_val]
+    the class set) cannot enter a cross-entropy and are left out of training and validation.
+
+    Training matmuls run in ``matmul_dtype(device, cfg.precision)`` (autocast; the weights,
+    the loss and the validation loss that decides early stopping stay float32)."""
+    x_train, y_train = _keep(x_train, y_train)
+    x_val, y_val = _keep(x_val, y_val)
     mean, scale = _standardisation(x_train)
     d = x_train.shape[1]
     probe = LinearProbe(
@@ -154,20 +201,24 @@ def fit_softmax_probe(
     generator = torch.Generator().manual_seed(seed)
     best_loss, best_state, stale = math.inf, copy.deepcopy(probe.state_dict()), 0
     history: list[dict[str, float]] = []
+    device = x_train.device
+    dtype = matmul_dtype(device, cfg.precision)
     with tqdm(range(cfg.max_epochs), desc=desc, unit="epoch", leave=False) as bar:
         for epoch in bar:
-            order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
-            running = 0.0
+            order = torch.randperm(len(x_train), generator=generator).to(device)
+            running = torch.zeros((), device=device)  # summed on the device: one sync per epoch
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
-                loss = F.cross_entropy(probe(x_train[idx]), y_train[idx])
+                with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+                    logits = probe(x_train[idx])
+                loss = F.cross_entropy(logits.float(), y_train[idx])
                 optimiser.zero_grad(set_to_none=True)
                 (loss + _penalty(probe.weight, reg)).backward()
                 optimiser.step()
-                running += loss.item() * len(idx)
+                running += loss.detach() * len(idx)
             val_loss = _mean_loss(probe, x_val, y_val, 4 * cfg.batch_size)
             history.append(
-                {"epoch": epoch, "train_loss": running / len(x_train), "val_loss": val_loss}
+                {"epoch": epoch, "train_loss": running.item() / len(x_train), "val_loss": val_loss}
             )
             bar.set_postfix(val_loss=f"{val_loss:.4f}")
             if val_loss < best_loss - 1e-4:

