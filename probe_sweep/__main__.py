@@ -323,7 +323,7 @@ def main(cfg: DictConfig) -> float | None:
         if done is not None:
             log.info("Skipped: complete results for this config in %s (redo=true reruns)", done)
             jobs.note_skipped(out_dir, done, key)
-            return
+            return tuning.objective(jobs.load_metrics(done)["layers"], config.tuning)
         jobs.clear_markers(out_dir, config.redo)
         with jobs.claim_gpu(config.device) as device:
             config.device = device

@@ -68,6 +68,10 @@ def find_complete(root: Path, key: str) -> Path | None:
     return None
 
 
+def load_metrics(job_dir: Path) -> dict[str, Any]:
+    return json.loads((job_dir / METRICS).read_text())
+
+
 def clear_markers(out_dir: Path, redo: bool) -> None:
     """Remove what an earlier attempt left in this job's directory before running it again."""
     for name in (FAILED, SKIPPED, *((METRICS,) if redo else ())):

@@ -111,6 +111,7 @@ def test_a_failing_job_leaves_the_others_complete_and_a_rerun_skips_finished_job
     assert (dirs["0"] / "metrics.json").stat().st_mtime_ns == kept
     skipped_log = (dirs["0"] / "probe_sweep.log").read_text()
     assert "Skipped: complete results for this config" in skipped_log
+    assert not (dirs["0"] / "failed.json").exists()
     redone = json.loads((dirs["0.001"] / "metrics.json").read_text())
     assert redone["job"]["key"] == complete["0.001"]["job"]["key"]
     assert redone["cache"]["reused"] is True
