@@ -203,7 +203,7 @@ def run_job(
         row["epochs"] = len(history)
         row["history"] = history
     fitted = time.perf_counter()
-    stats_cfg = getattr(config, "statistics", None) or pstats.StatisticsConfig()
+    stats_cfg = config.statistics
     statistics: dict[str, Any] = {}
     if stats_cfg.enabled:
 

@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--memory-budget",
         type=int,
-        default=16_000,
+        default=8_000,
         help="token budget B of section 5 (runs B, 2B, 4B)",
     )
     p.add_argument("--skip", default="", help="comma-separated sections to skip: 1,2,3,4,5")

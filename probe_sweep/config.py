@@ -19,6 +19,7 @@ from probe_sweep.errors import UserError
 from probe_sweep.layers import LayersConfig
 from probe_sweep.model import ModelConfig
 from probe_sweep.probes import ProbeConfig, ProbeKind, RegConfig, RegKind
+from probe_sweep.statistics import StatisticsConfig
 from probe_sweep.tracking import TrackerConfig
 from probe_sweep.tuning import TuningConfig, check_objective
 
@@ -32,6 +33,7 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     reg: RegConfig = field(default_factory=RegConfig)
+    statistics: StatisticsConfig = field(default_factory=StatisticsConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     seed: int = 0
@@ -77,6 +79,9 @@ def to_typed(cfg: DictConfig) -> Config:
     _check(probe.max_epochs > 0 and probe.patience > 0, "probe.max_epochs/patience must be > 0")
     _check(config.activations.batch_size > 0, "activations.batch_size must be > 0")
     check_objective(config.tuning)
+    stats = config.statistics
+    _check(stats.n_permutations >= 2, "statistics.n_permutations must be >= 2")
+    _check(stats.control_labels >= 2, "statistics.control_labels must be >= 2")
     _check(
         config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:"),
         f"device={config.device!r} is not one of auto, cpu, cuda, cuda:<index>",

@@ -109,7 +109,7 @@ def entry_normal(
 ) -> dict[str, Any]:
     """An entry whose null mean and std are exact (closed form); p from the normal tail."""
     z = (observed - mean) / std if std > 0 else math.nan
-    tail = {"greater": -z, "less": z, "two-sided": abs(z)}[alternative]
+    tail = {"greater": z, "less": -z, "two-sided": abs(z)}[alternative]  # P(Z >= tail)
     p = 0.5 * math.erfc(tail / math.sqrt(2)) * (2 if alternative == "two-sided" else 1)
     return {
         "name": name,

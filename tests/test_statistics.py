@@ -15,6 +15,7 @@ from probe_sweep.statistics import (
     _permutations,
     control_task_labels,
     entry,
+    entry_normal,
     input_token_readout,
     lens_logits,
     linear_cka,
@@ -227,3 +228,12 @@ def test_closed_form_random_subspace_null_matches_monte_carlo() -> None:
         assert mean == pytest.approx(draws.mean().item(), abs=0.005)
         assert std == pytest.approx(draws.std().item(), rel=0.06)
     assert random_subspace_moments(torch.ones(5, 6) @ torch.eye(6), 3)[1] > 0
+
+
+def test_closed_form_entry_p_values_point_the_right_way() -> None:
+    high = entry_normal("x", 0, 0.8, 0.5, 0.1, "greater")
+    low = entry_normal("x", 0, 0.2, 0.5, 0.1, "greater")
+    assert high["z"] == pytest.approx(3) and high["p"] == pytest.approx(0.00135, abs=1e-4)
+    assert low["p"] > 0.99
+    assert entry_normal("x", 0, 0.2, 0.5, 0.1, "less")["p"] == pytest.approx(0.00135, abs=1e-4)
+    assert entry_normal("x", 0, 0.2, 0.5, 0.1, "two-sided")["p"] == pytest.approx(0.0027, abs=2e-4)
