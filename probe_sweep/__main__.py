@@ -38,6 +38,7 @@ from probe_sweep.probes import (
     fit_ridge_probe,
     fit_softmax_probe,
     frequent_types,
+    matmul_dtype,
     score_probe,
 )
 
@@ -219,6 +220,29 @@ def run_job(
             )
             return score_probe(fit.probe, inputs(TEST, layer), control[TEST], frequent[TEST])
 
+        final_layer = info.n_layers if info.n_layers in layers else None
+
+        def lens_probe_scores(layer: int) -> dict[str, Any]:
+            """The same probe, fed the model's own guess: logit-lens log-probs of the classes."""
+            assert unembedding is not None
+
+            def guess(part: int) -> torch.Tensor:
+                chunks = []
+                for start in range(0, len(rows[part]), 4096):
+                    picked = rows[part][start : start + 4096]
+                    hidden = torch.from_numpy(np.asarray(store.layer(layer)[picked], np.float32))
+                    logits = pstats.lens_logits(
+                        hidden.to(device), unembedding, final_norm, layer != final_layer
+                    )
+                    chunks.append(logits.log_softmax(-1)[:, torch.from_numpy(classes)])
+                return torch.cat(chunks)
+
+            fit = fit_softmax_probe(
+                *(guess(TRAIN), labels[TRAIN], guess(VAL), labels[VAL], len(classes)),
+                *(config.reg, config.probe, config.seed, f"layer {layer} logit-lens probe"),
+            )
+            return score_probe(fit.probe, guess(TEST), labels[TEST], frequent[TEST])
+
         lens_rows = rows[TEST][: stats_cfg.lens_rows]
 
         def lens_hidden(layer: int) -> torch.Tensor:
@@ -233,11 +257,12 @@ def run_job(
             stats_cfg,
             config.seed,
             control_scores if stats_cfg.control_task else None,
+            lens_probe_scores if stats_cfg.lens_probe and unembedding is not None else None,
             lens_hidden,
             torch.from_numpy(targets[lens_rows]),
             unembedding,
             final_norm,
-            info.n_layers if info.n_layers in layers else None,
+            final_layer,
         )
         statistics["basis"] = {"name": basis.name, **basis.info}
     measured = time.perf_counter()
@@ -271,6 +296,7 @@ def run_job(
             "strength": config.reg.strength,
             "classes": config.probe.classes.value,
             "n_classes": int(len(classes)),
+            "train_matmul_dtype": str(matmul_dtype(device, config.probe.precision)).split(".")[-1],
         },
         "counts": {
             "n_sequences": int(corpus.input_ids.shape[0]),

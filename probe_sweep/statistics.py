@@ -42,7 +42,9 @@ class StatisticsConfig:
     """``n_permutations``: draws per null. ``subspace_dim``: principal components kept for CKA /
     Procrustes. ``control_task``: also fit the Hewitt & Liang control probe (one more probe per
     layer). ``logit_lens``: logit-lens and unlikely-token read-outs (models with an unembedding).
-    ``lens_rows``: held-out positions they use. ``unlikely_k``: tokens per set."""
+    ``lens_rows``: held-out positions they use. ``unlikely_k``: tokens per set. ``lens_probe``:
+    also train a probe on the logit-lens log-probabilities (the model's own guess) and compare it
+    with the probe on the hidden state (one more probe per layer, V logits per token)."""
 
     enabled: bool = True
     n_permutations: int = 1000
@@ -50,6 +52,7 @@ class StatisticsConfig:
     control_task: bool = False
     control_labels: int = 32
     logit_lens: bool = True
+    lens_probe: bool = False
     lens_rows: int = 1024
     unlikely_k: int = 50
 
@@ -75,15 +78,31 @@ def entry(
         extreme = null <= observed
     else:
         extreme = (null - mean).abs() >= abs(observed - mean)
+    z = (observed - mean) / std if std > 0 else math.nan
+    p = (1 + int(extreme.sum())) / (1 + len(null))
+    return _entry(name, layer, observed, mean, std, z, p, len(null), alternative)
+
+
+def _entry(
+    name: str,
+    layer: int | None,
+    observed: float,
+    mean: float,
+    std: float,
+    z: float,
+    p: float,
+    n_null: int | None,
+    alternative: str,
+) -> dict[str, Any]:
     return {
         "name": name,
         "layer": layer,
         "observed": _f(observed),
         "null_mean": _f(mean),
         "null_std": _f(std),
-        "z": _f((observed - mean) / std) if std > 0 else None,
-        "p": (1 + int(extreme.sum())) / (1 + len(null)),
-        "n_null": len(null),
+        "z": _f(z),
+        "p": _f(p),
+        "n_null": n_null,
         "alternative": alternative,
     }
 
@@ -111,18 +130,8 @@ def entry_normal(
     z = (observed - mean) / std if std > 0 else math.nan
     tail = {"greater": z, "less": -z, "two-sided": abs(z)}[alternative]  # P(Z >= tail)
     p = 0.5 * math.erfc(tail / math.sqrt(2)) * (2 if alternative == "two-sided" else 1)
-    return {
-        "name": name,
-        "layer": layer,
-        "observed": _f(observed),
-        "null_mean": _f(mean),
-        "null_std": _f(std),
-        "z": _f(z),
-        "p": _f(min(p, 1.0)),
-        "n_null": None,
-        "alternative": alternative,
-        "null": "closed form (normal p)",
-    }
+    entry = _entry(name, layer, observed, mean, std, z, min(p, 1.0), None, alternative)
+    return {**entry, "null": "closed form (normal p)"}
 
 
 def random_subspace_moments(weight: torch.Tensor, dim: int) -> tuple[float, float]:
@@ -416,6 +425,7 @@ def job_statistics(
     cfg: StatisticsConfig,
     seed: int,
     control_scores: Callable[[int], dict[str, Any]] | None = None,
+    lens_probe_scores: Callable[[int], dict[str, Any]] | None = None,
     lens_hidden: Callable[[int], torch.Tensor] | None = None,
     lens_targets: torch.Tensor | None = None,
     unembedding: torch.Tensor | None = None,
@@ -424,10 +434,11 @@ def job_statistics(
 ) -> dict[str, Any]:
     """Every measurement of one job. ``fits``: probe name -> FitResult (``.probe.weight``,
     ``.map_weight``); ``results``: the per-layer rows, which get extra fields in place.
-    ``control_scores(layer)``: held-out scores of the control-task probe. ``lens_hidden(layer)``:
-    natural-coordinate hidden states of held-out positions whose input tokens are
-    ``lens_targets``; ``final_layer``: the layer whose HF hidden state already has the final
-    norm applied (None if it was not extracted)."""
+    ``control_scores(layer)``: held-out scores of the control-task probe;
+    ``lens_probe_scores(layer)``: of the probe on logit-lens log-probabilities.
+    ``lens_hidden(layer)``: natural-coordinate hidden states of held-out positions whose input
+    tokens are ``lens_targets``; ``final_layer``: the layer whose HF hidden state already has
+    the final norm applied (None if it was not extracted)."""
     entries: list[dict[str, Any]] = []
     masses: dict[str, Any] = {}
     fields: dict[str, dict[str, Any]] = {}
@@ -447,6 +458,11 @@ def job_statistics(
             control = control_scores(row["layer"])
             row["control_top1"] = control["top1"]
             row["selectivity"] = row["top1"] - control["top1"]
+    if lens_probe_scores is not None:
+        for row in results:
+            lens_probe = lens_probe_scores(row["layer"])
+            row["lens_probe_top1"] = lens_probe["top1"]
+            row["hidden_minus_lens_probe_top1"] = row["top1"] - lens_probe["top1"]
     lens: list[dict[str, Any]] = []
     if cfg.logit_lens and unembedding is not None and lens_hidden is not None:
         assert lens_targets is not None
@@ -477,6 +493,8 @@ LAYER_FIELDS = [
     "lens_input_top1",
     "lens_input_median_rank",
     "probe_minus_lens_top1",
+    "lens_probe_top1",
+    "hidden_minus_lens_probe_top1",
     "proj_unlikely",
     "proj_likely",
     "proj_random",

@@ -173,7 +173,8 @@ def null_statistics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             for key in ("name", "statistic", "kind"):
                 if isinstance(item.get(key), str):
-                    return item[key]
+                    layer = item.get("layer")
+                    return item[key] if layer is None else f"{item[key]}/layer_{layer}"
             if "layer" in item:
                 return f"layer_{item['layer']}"
         return str(index)

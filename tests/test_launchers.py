@@ -11,20 +11,11 @@ from omegaconf import OmegaConf
 
 import probe_sweep.__main__  # noqa: F401  (registers the schema and the presets' resolver)
 from tests.conftest import CONF, run_cli
-from tests.test_slurm import NO_STATISTICS
+from tests.test_slurm import FAST as SLURM_FAST
 
 pytestmark = pytest.mark.e2e
 
-FAST = [
-    "model=tiny",
-    "data.token_budget=2000",
-    "data.seq_len=64",
-    "probe.max_epochs=2",
-    "tracker.mode=disabled",
-    "layers=subset",
-    "layers.indices=[0]",
-    *NO_STATISTICS,
-]
+FAST = [*SLURM_FAST, "layers=subset", "layers.indices=[0]"]
 
 
 def launcher_config(preset: str, *overrides: str) -> dict:

@@ -12,33 +12,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from probe_sweep.config import Config
-from probe_sweep.statistics import StatisticsConfig
 from tests.conftest import CONF, REPO, run_cli
 
 pytestmark = pytest.mark.e2e
 
 SCRIPT = REPO / "launchers" / "slurm_cluster.sh"
 CANNOT_INSTALL = 3
-# Launcher tests check fan-out, not the null statistics (seconds per job): off where they exist.
-NO_STATISTICS = (
-    ["statistics.enabled=false"]
-    if "statistics" in {f.name for f in fields(Config)}
-    and "enabled" in {f.name for f in fields(StatisticsConfig)}
-    else []
-)
+# Launcher tests check fan-out, not the null statistics (seconds per job): those are off.
 FAST = [
     "model=tiny",
     "data.token_budget=2000",
     "data.seq_len=64",
     "probe.max_epochs=2",
     "tracker.mode=disabled",
-    *NO_STATISTICS,
+    "statistics.enabled=false",
 ]
 # The preset as a user sets it for this one-node cluster (no GPUs, small jobs).
 SLURM = [

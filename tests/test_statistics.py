@@ -237,3 +237,25 @@ def test_closed_form_entry_p_values_point_the_right_way() -> None:
     assert low["p"] > 0.99
     assert entry_normal("x", 0, 0.2, 0.5, 0.1, "less")["p"] == pytest.approx(0.00135, abs=1e-4)
     assert entry_normal("x", 0, 0.2, 0.5, 0.1, "two-sided")["p"] == pytest.approx(0.0027, abs=2e-4)
+
+
+@pytest.mark.e2e
+def test_control_task_and_probe_on_the_models_own_guess(tmp_path: Path) -> None:
+    args = [
+        *TINY,
+        "layers=subset",
+        "layers.indices=[0,2]",
+        "statistics.control_task=true",
+        "statistics.lens_probe=true",
+        "hydra.run.dir=out",
+    ]
+    run_cli(args, cwd=tmp_path)
+    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())["layers"]
+    for row in rows:
+        assert 0 <= row["control_top1"] <= 1
+        assert row["selectivity"] == pytest.approx(row["top1"] - row["control_top1"])
+        assert row["hidden_minus_lens_probe_top1"] == pytest.approx(
+            row["top1"] - row["lens_probe_top1"]
+        )
+    # Tied embeddings and random blocks: the layer-0 logit lens is nearly the identity read-out.
+    assert rows[0]["lens_probe_top1"] > 0.5
