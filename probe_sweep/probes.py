@@ -70,7 +70,7 @@ class RegConfig:
     per-token loss; for ridge, the l2 term of the per-token squared error."""
 
     kind: RegKind = RegKind.l2
-    strength: float = 1e-4
+    strength: float = 1e-6
 
 
 class LinearProbe(torch.nn.Module):
