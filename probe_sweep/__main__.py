@@ -274,7 +274,7 @@ def run_job(
             tensors[f"{name}.map_weight"] = fit.map_weight
     tracking.write_tensors(out_dir / "probes.safetensors", tensors, {"basis": basis.name})
     title = (
-        f"{info.name}: {config.probe.kind.value} probe, {config.layers.mode.value} layers, "
+        f"{info.name}: {config.probe.kind.value} probe ({config.layers.mode.value} layer), "
         f"{basis.name} basis, {config.reg.kind.value} {config.reg.strength:g}"
     )
     tracking.plot_accuracy_by_layer(results, out_dir / "accuracy_by_layer.png", title)

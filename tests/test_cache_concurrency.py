@@ -89,8 +89,9 @@ def test_a_job_killed_holding_the_lock_leaves_nothing_and_the_waiter_recomputes(
     cache, go_first, go_second = tmp_path / "cache", tmp_path / "go1", tmp_path / "go2"
     # The first job extracts slowly (one sequence per batch); batch size is not in the cache key,
     # so the second job asks for the same entry and computes it quickly once it has the lock.
-    first = start(cache, 20000, 1, go_first)
-    second = start(cache, 20000, 64, go_second)
+    # 100k tokens one sequence at a time: seconds of work even on an idle machine.
+    first = start(cache, 100_000, 1, go_first)
+    second = start(cache, 100_000, 64, go_second)
     wait_ready(first)
     wait_ready(second)
     go_first.touch()
@@ -99,7 +100,7 @@ def test_a_job_killed_holding_the_lock_leaves_nothing_and_the_waiter_recomputes(
         time.sleep(0.05)
     assert list(cache.glob(".tmp-*/layer_2.npy")), "the first job never started writing"
     go_second.touch()
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert second.poll() is None, "the second job did not wait for the lock holder"
     assert entries(cache) == []
     os.kill(first.pid, signal.SIGKILL)
