@@ -64,8 +64,13 @@ def gather(
     out = torch.empty(len(rows), store.meta["d_model"], dtype=torch.float32)
     for layer in np.unique(row_layers):
         pick = np.flatnonzero(row_layers == layer)
-        out[pick] = torch.from_numpy(np.asarray(store.layer(int(layer))[rows[pick]], np.float32))
+        out[pick] = read_rows(store, int(layer), rows[pick])
     return basis.coordinates(out.to(device))
+
+
+def read_rows(store: ActivationStore, layer: int, rows: np.ndarray) -> torch.Tensor:
+    """Cached hidden states of ``rows`` at ``layer``, natural coordinates, float32, on the CPU."""
+    return torch.from_numpy(np.asarray(store.layer(layer)[rows], np.float32))
 
 
 def fit_probe(
@@ -207,12 +212,10 @@ def run_job(
     stats_cfg = config.statistics
     statistics: dict[str, Any] = {}
     if stats_cfg.enabled:
+        mapping = pstats.control_task_labels(info.vocab_size, stats_cfg.control_labels, config.seed)
+        control = {p: torch.from_numpy(mapping[targets[r]]).to(device) for p, r in rows.items()}
 
         def control_scores(layer: int) -> dict[str, Any]:
-            mapping = pstats.control_task_labels(
-                info.vocab_size, stats_cfg.control_labels, config.seed
-            )
-            control = {p: torch.from_numpy(mapping[targets[r]]).to(device) for p, r in rows.items()}
             fit = fit_softmax_probe(
                 *(inputs(TRAIN, layer), control[TRAIN], inputs(VAL, layer), control[VAL]),
                 *(stats_cfg.control_labels, config.reg, config.probe, config.seed),
@@ -226,15 +229,16 @@ def run_job(
             """The same probe, fed the model's own guess: logit-lens log-probs of the classes."""
             assert unembedding is not None
 
+            columns = torch.from_numpy(classes).to(device)
+
             def guess(part: int) -> torch.Tensor:
                 chunks = []
                 for start in range(0, len(rows[part]), 4096):
-                    picked = rows[part][start : start + 4096]
-                    hidden = torch.from_numpy(np.asarray(store.layer(layer)[picked], np.float32))
+                    hidden = read_rows(store, layer, rows[part][start : start + 4096])
                     logits = pstats.lens_logits(
                         hidden.to(device), unembedding, final_norm, layer != final_layer
                     )
-                    chunks.append(logits.log_softmax(-1)[:, torch.from_numpy(classes)])
+                    chunks.append(logits.log_softmax(-1)[:, columns])
                 return torch.cat(chunks)
 
             fit = fit_softmax_probe(
@@ -246,7 +250,7 @@ def run_job(
         lens_rows = rows[TEST][: stats_cfg.lens_rows]
 
         def lens_hidden(layer: int) -> torch.Tensor:
-            return torch.from_numpy(np.asarray(store.layer(layer)[lens_rows], np.float32))
+            return read_rows(store, layer, lens_rows)
 
         statistics = pstats.job_statistics(
             fits,

@@ -241,8 +241,7 @@ class RidgePath:
     """
 
     def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, embeddings: torch.Tensor):
-        keep = y_train >= 0
-        x_train, y_train = x_train[keep], y_train[keep]
+        x_train, y_train = _keep(x_train, y_train)
         self.mean, self.scale = _standardisation(x_train)
         self.xs = (x_train - self.mean) / self.scale
         self.targets = embeddings[y_train]
