@@ -113,11 +113,14 @@ def run_job(
     config: Config,
     resolved: dict[str, Any],
     out_dir: Path,
+    job: dict[str, Any],
     on_layer: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """One job: every stage in order; returns the metrics written to ``out_dir/metrics.json``.
 
-    ``on_layer(step, row)`` is called as each layer is scored (a tuner may stop the job there).
+    ``job`` (content key, scheduler ids) is stored with them: a metrics.json that has it marks
+    complete results. ``on_layer(step, row)`` is called as each layer is scored (a tuner may
+    stop the job there).
     """
     started = time.perf_counter()
     device = pick_device(config.device)
@@ -321,6 +324,7 @@ def run_job(
         "layers": results,
         "statistics": statistics,
         "ridge_path": ridge_path(fits, config.probe.path_strengths),
+        "job": job,
         "config": resolved,
     }
     tracking.write_json(out_dir / "metrics.json", metrics)
@@ -358,10 +362,8 @@ def main(cfg: DictConfig) -> float | None:
         with jobs.claim_gpu(config.device) as device:
             config.device = device
             reporter = tuning.trial_reporter(config.tuning)
-            metrics = run_job(config, resolved, out_dir, reporter)  # type: ignore[arg-type]
-        # Written last: a metrics.json with a "job" section marks the results complete.
-        metrics["job"] = jobs.job_info(key, overrides)
-        jobs.write_json(out_dir / "metrics.json", metrics)
+            job_info = jobs.job_info(key, overrides)
+            metrics = run_job(config, resolved, out_dir, job_info, reporter)  # type: ignore[arg-type]
         # After metrics.json is on disk; never raises (a W&B failure is one warning line).
         job = tracking.JobInfo.from_hydra(HydraConfig.get())
         tracking.track_job(config.tracker, job, resolved)  # type: ignore[arg-type]

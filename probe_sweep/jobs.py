@@ -26,6 +26,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
+from probe_sweep.tracking import write_json
+
 log = logging.getLogger(__name__)
 
 FAILED = "failed.json"
@@ -103,12 +105,6 @@ def failure(exc: BaseException, overrides: list[str]) -> dict[str, Any]:
 def write_failed(out_dir: Path, exc: BaseException, overrides: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / FAILED, failure(exc, overrides))
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def cuda_count() -> int:
