@@ -117,8 +117,10 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
         "-m",
         *SLURM,
         *FAST,
-        "probe.max_epochs=20",
-        "probe.patience=20",
+        # Seconds of fitting after extraction, so the signal lands mid-job even on an idle node.
+        "data.token_budget=20000",
+        "probe.max_epochs=300",
+        "probe.patience=300",
         "layers=subset",
         "layers.indices=[0]",
         f"hydra.sweep.dir={sweep}",
