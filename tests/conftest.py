@@ -42,3 +42,14 @@ def run_cli(
             f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     return proc
+
+
+def wait_for_line(proc: subprocess.Popen[str], expected: str) -> None:
+    """Read a child's stdout up to the line ``expected``; libraries may log lines before it."""
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        if line.strip() == expected:
+            return
+        seen.append(line)
+    raise AssertionError(f"the child exited before printing {expected!r}:\n" + "".join(seen))

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import wait_for_line
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A job's extraction step: import everything, say "ready", wait for the go file, then extract and
@@ -50,10 +52,6 @@ def start(cache: Path, budget: int, batch: int, go: Path) -> subprocess.Popen[st
     )
 
 
-def wait_ready(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-
-
 def finish(proc: subprocess.Popen[str]) -> tuple[dict, str]:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
@@ -70,7 +68,7 @@ def test_racing_jobs_compute_once_and_read_the_same_bytes(tmp_path: Path) -> Non
     cache, go = tmp_path / "cache", tmp_path / "go"
     procs = [start(cache, 6000, 8, go) for _ in range(3)]
     for proc in procs:
-        wait_ready(proc)
+        wait_for_line(proc, "ready")
     go.touch()
     results = [finish(proc) for proc in procs]
     computed = [r for r, _ in results if not r["reused"]]
@@ -92,8 +90,8 @@ def test_a_job_killed_holding_the_lock_leaves_nothing_and_the_waiter_recomputes(
     # 100k tokens one sequence at a time: seconds of work even on an idle machine.
     first = start(cache, 100_000, 1, go_first)
     second = start(cache, 100_000, 64, go_second)
-    wait_ready(first)
-    wait_ready(second)
+    wait_for_line(first, "ready")
+    wait_for_line(second, "ready")
     go_first.touch()
     deadline = time.time() + 120
     while not list(cache.glob(".tmp-*/layer_2.npy")) and time.time() < deadline:

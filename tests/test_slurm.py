@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONF, REPO, run_cli
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -63,18 +63,13 @@ def slurm_cluster() -> Iterator[None]:
             subprocess.run(["bash", str(SCRIPT), "down"], timeout=120, check=False)
 
 
-def sweep_args() -> list[str]:
-    """basis=pca,nmf,natural where those bases exist; otherwise a sweep over reg.strength."""
-    if all((CONF / "basis" / f"{b}.yaml").is_file() for b in ("pca", "nmf")):
-        return ["basis=pca,nmf,natural"]
-    return ["basis=natural", "reg.strength=0,0.001,0.01"]
-
-
 def test_a_sweep_runs_as_a_slurm_array_job_with_one_shared_cache(
     slurm_cluster: None, tmp_path: Path
 ) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", *SLURM, *FAST, *sweep_args(), f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    proc = run_cli(
+        ["-m", *SLURM, *FAST, "basis=pca,nmf,natural", f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
     metrics = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert len(metrics) == 3, proc.stdout + proc.stderr
     assert not list(sweep.glob("*/failed.json"))
