@@ -114,8 +114,8 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
         *FAST,
         # Seconds of fitting after extraction, so the signal lands mid-job even on an idle node.
         "data.token_budget=20000",
-        "probe.max_epochs=300",
-        "probe.patience=300",
+        "probe.max_epochs=150",
+        "probe.patience=150",
         "layers=subset",
         "layers.indices=[0]",
         f"hydra.sweep.dir={sweep}",
@@ -137,12 +137,17 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
             time.sleep(0.2)
         (job_dir,) = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
         subprocess.run(["scancel", "--signal=USR2", job_dir], check=True)
-        # Requeued jobs wait about two minutes before they are eligible; start it now.
+        # A requeued job goes back to PENDING with a begin time two minutes out; once it is
+        # pending again, move its start to now (an update sent before the requeue is overwritten).
         deadline = time.time() + 60
-        while "Restarts=1" not in show_job(job_dir) and time.time() < deadline:
+        while time.time() < deadline:
+            state = show_job(job_dir)
+            if "Restarts=1" in state and "JobState=PENDING" in state:
+                subprocess.run(["scontrol", "update", f"jobid={job_dir}", "StartTime=now"])
+            elif "Restarts=1" in state and "JobState=RUNNING" in state:
+                break
             time.sleep(0.5)
         assert "Restarts=1" in show_job(job_dir), show_job(job_dir)
-        subprocess.run(["scontrol", "update", f"jobid={job_dir}", "StartTime=now"], check=True)
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
