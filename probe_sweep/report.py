@@ -11,7 +11,8 @@ tracker logged the job. It writes, in the sweep dir:
 - ``report_layers.csv``: the per-layer scores of every finished job, one row per job and layer.
 
 ``SweepReportCallback`` (in conf/config.yaml under ``hydra.callbacks``) writes it after every
-multirun; ``python -m probe_sweep.report <sweep dir>`` writes it again by hand.
+multirun and makes the multirun exit with status 1 when a job failed;
+``python -m probe_sweep.report <sweep dir>`` writes it again by hand.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -319,15 +321,37 @@ def _wandb_lines(jobs: list[JobResult]) -> list[str]:
 
 
 class SweepReportCallback(Callback):
-    """Writes the sweep report after every multirun; a failure is one warning line."""
+    """Writes the sweep report after every multirun (a failure to write it is one warning line),
+    then exits with status 1 if a job of this multirun failed: the other jobs ran to the end,
+    and scripts that launch sweeps must still be able to tell."""
+
+    started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            sweep_dir = Path(str(config.hydra.sweep.dir))
-            path = write_sweep_report(sweep_dir)
-            log.info("Sweep report: %s", path)
+            log.info("Sweep report: %s", write_sweep_report(sweep_dir))
+            # Failures left in the sweep dir by earlier multiruns are in the report, not here
+            # (whole seconds: some file systems keep coarse modification times).
+            failed = [
+                job.dir.name
+                for job in read_jobs(sweep_dir)
+                if job.status == "failed"
+                and (job.dir / "failed.json").stat().st_mtime >= int(self.started)
+            ]
         except Exception as exc:
             log.warning("Could not write the sweep report: %s: %s", type(exc).__name__, exc)
+            return
+        if failed:
+            log.error(
+                "%d job(s) failed (%s); each has a failed.json and the sweep report lists them",
+                len(failed),
+                ", ".join(failed),
+            )
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

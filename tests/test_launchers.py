@@ -74,7 +74,9 @@ def test_a_failing_job_leaves_the_others_complete_and_a_rerun_skips_finished_job
     args = [*FAST, "reg.strength=0,0.001,-1", f"hydra.sweep.dir={sweep}"]
 
     # 1. Three jobs as separate processes (submitit's local executor); one fails mid-sweep.
-    first = run_cli(["-m", "hydra/launcher=local_submitit", *args], cwd=tmp_path)
+    first = run_cli(["-m", "hydra/launcher=local_submitit", *args], cwd=tmp_path, check=False)
+    assert first.returncode == 1, "a sweep with a failed job must exit non-zero"
+    assert "1 job(s) failed" in first.stdout + first.stderr
     dirs = job_dirs(sweep)
     assert sorted(dirs) == ["-1", "0", "0.001"], first.stdout
     failed = json.loads((dirs["-1"] / "failed.json").read_text())
@@ -97,7 +99,8 @@ def test_a_failing_job_leaves_the_others_complete_and_a_rerun_skips_finished_job
     # key, the job whose results were deleted is redone, the failing one fails again.
     kept = (dirs["0"] / "metrics.json").stat().st_mtime_ns
     (dirs["0.001"] / "metrics.json").unlink()
-    second = run_cli(["-m", "hydra/launcher=local", *args], cwd=tmp_path)
+    second = run_cli(["-m", "hydra/launcher=local", *args], cwd=tmp_path, check=False)
+    assert second.returncode == 1
     assert job_dirs(sweep) == dirs, "a re-run wrote to other job dirs"
     assert (dirs["0"] / "metrics.json").stat().st_mtime_ns == kept
     skipped_log = (dirs["0"] / "probe_sweep.log").read_text()
@@ -125,7 +128,7 @@ def test_a_crash_outside_user_errors_is_recorded_too(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # A file where the activation cache directory should be: extraction raises an OSError.
     (tmp_path / "not_a_dir").write_text("")
-    run_cli(
+    proc = run_cli(
         [
             "-m",
             *FAST,
@@ -134,7 +137,9 @@ def test_a_crash_outside_user_errors_is_recorded_too(tmp_path: Path) -> None:
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
+        check=False,
     )
+    assert proc.returncode == 1, proc.stderr
     (failed_path,) = sweep.glob("*/failed.json")
     assert "cache_dir" not in failed_path.parent.name, "a path named the job dir"
     failed = json.loads(failed_path.read_text())
