@@ -177,33 +177,40 @@ def run_job(
             on_layer(len(results), row)
         return row
 
+    checkpoint = jobs.FitCheckpoint(out_dir, job["key"], device)
     fits: dict[str, FitResult] = {}
     results: list[dict[str, Any]] = []
     if config.layers.mode is LayerMode.pooled:
         train_layers = pooled_assignment(len(rows[TRAIN]), layers, config.seed)
         val_layers = pooled_assignment(len(rows[VAL]), layers, config.seed + 1)
-        fit = fit_probe(
-            config,
-            inputs(TRAIN, train_layers),
-            labels[TRAIN],
-            inputs(VAL, val_layers),
-            labels[VAL],
-            class_embeddings,
-            "pooled probe",
+        fit = checkpoint.get_or_fit(
+            "pooled",
+            lambda: fit_probe(
+                config,
+                inputs(TRAIN, train_layers),
+                labels[TRAIN],
+                inputs(VAL, val_layers),
+                labels[VAL],
+                class_embeddings,
+                "pooled probe",
+            ),
         )
         fits["pooled"] = fit
         for layer in layers:
             results.append(evaluate(fit, layer, "pooled"))
     else:
         for layer in layers:
-            fit = fit_probe(
-                config,
-                inputs(TRAIN, layer),
-                labels[TRAIN],
-                inputs(VAL, layer),
-                labels[VAL],
-                class_embeddings,
-                f"layer {layer} probe",
+            fit = checkpoint.get_or_fit(
+                f"layer_{layer}",
+                lambda layer=layer: fit_probe(
+                    config,
+                    inputs(TRAIN, layer),
+                    labels[TRAIN],
+                    inputs(VAL, layer),
+                    labels[VAL],
+                    class_embeddings,
+                    f"layer {layer} probe",
+                ),
             )
             fits[f"layer_{layer}"] = fit
             results.append(evaluate(fit, layer, f"layer_{layer}"))
@@ -219,10 +226,13 @@ def run_job(
         control = {p: torch.from_numpy(mapping[targets[r]]).to(device) for p, r in rows.items()}
 
         def control_scores(layer: int) -> dict[str, Any]:
-            fit = fit_softmax_probe(
-                *(inputs(TRAIN, layer), control[TRAIN], inputs(VAL, layer), control[VAL]),
-                *(stats_cfg.control_labels, config.reg, config.probe, config.seed),
-                f"layer {layer} control probe",
+            fit = checkpoint.get_or_fit(
+                f"control_layer_{layer}",
+                lambda: fit_softmax_probe(
+                    *(inputs(TRAIN, layer), control[TRAIN], inputs(VAL, layer), control[VAL]),
+                    *(stats_cfg.control_labels, config.reg, config.probe, config.seed),
+                    f"layer {layer} control probe",
+                ),
             )
             return score_probe(fit.probe, inputs(TEST, layer), control[TEST], frequent[TEST])
 
@@ -244,9 +254,12 @@ def run_job(
                     chunks.append(logits.log_softmax(-1)[:, columns])
                 return torch.cat(chunks)
 
-            fit = fit_softmax_probe(
-                *(guess(TRAIN), labels[TRAIN], guess(VAL), labels[VAL], len(classes)),
-                *(config.reg, config.probe, config.seed, f"layer {layer} logit-lens probe"),
+            fit = checkpoint.get_or_fit(
+                f"lens_layer_{layer}",
+                lambda: fit_softmax_probe(
+                    *(guess(TRAIN), labels[TRAIN], guess(VAL), labels[VAL], len(classes)),
+                    *(config.reg, config.probe, config.seed, f"layer {layer} logit-lens probe"),
+                ),
             )
             return score_probe(fit.probe, guess(TEST), labels[TEST], frequent[TEST])
 
@@ -328,6 +341,7 @@ def run_job(
         "config": resolved,
     }
     tracking.write_json(out_dir / "metrics.json", metrics)
+    checkpoint.discard()
     log.info("Held-out scores (%s):\n%s", out_dir, tracking.format_table(results))
     if statistics.get("entries"):
         log.info("Statistics (nulls):\n%s", pstats.format_entries(statistics["entries"]))

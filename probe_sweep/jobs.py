@@ -1,5 +1,6 @@
 """What a job in a sweep needs to know about the sweep: its content key, whether identical
-results already exist, how it failed, which SLURM job ran it, and which local GPU is its own.
+results already exist, how it failed, which SLURM job ran it, which local GPU is its own, and
+which probes an earlier attempt of it already fitted.
 
 A job's results are complete when its ``metrics.json`` carries a ``job`` section (written last,
 after every other file) whose ``key`` hashes the job's resolved config. Re-running a sweep into
@@ -16,23 +17,27 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
-from probe_sweep.tracking import write_json
+from probe_sweep.tracking import temp_path, write_json
 
 log = logging.getLogger(__name__)
 
 FAILED = "failed.json"
 SKIPPED = "skipped.json"
 METRICS = "metrics.json"
+FITS = ".fits"
+T = TypeVar("T")
 # Settings that change where or how fast a job runs, not its numbers.
 NOT_IN_KEY = ("redo", "tracker", "activations.cache_dir", "activations.batch_size")
 SLURM_VARS = {
@@ -75,9 +80,46 @@ def load_metrics(job_dir: Path) -> dict[str, Any]:
 
 
 def clear_markers(out_dir: Path, redo: bool) -> None:
-    """Remove what an earlier attempt left in this job's directory before running it again."""
+    """Remove what an earlier attempt left in this job's directory before running it again
+    (with ``redo``, also its results and the probes it had fitted)."""
     for name in (FAILED, SKIPPED, *((METRICS,) if redo else ())):
         (out_dir / name).unlink(missing_ok=True)
+    if redo:
+        shutil.rmtree(out_dir / FITS, ignore_errors=True)
+
+
+class FitCheckpoint:
+    """The probes an unfinished job has fitted so far, one file each in ``out_dir/.fits``, so
+    that a requeued, preempted or killed job that runs again in the same directory resumes after
+    the last probe it finished instead of fitting them all again.
+
+    Files are kept under the job's content key: those of another config are dropped. ``discard``
+    once the results are written.
+    """
+
+    def __init__(self, out_dir: Path, key: str, device: torch.device) -> None:
+        self.dir, self.device = out_dir / FITS, device
+        stamp = self.dir / "key"
+        if self.dir.exists() and (not stamp.is_file() or stamp.read_text() != key):
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(key)
+
+    def get_or_fit(self, name: str, fit: Callable[[], T]) -> T:
+        """``fit()``'s value, saved under ``name``; read back instead when already saved."""
+        path = self.dir / f"{name}.pt"
+        if path.is_file():
+            value: T = torch.load(path, map_location=self.device, weights_only=False)
+            log.info("Resumed %s from %s (fitted by an earlier attempt)", name, path)
+            return value
+        value = fit()
+        tmp = temp_path(path)
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+        return value
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def note_skipped(out_dir: Path, done: Path, key: str) -> None:

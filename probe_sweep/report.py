@@ -32,7 +32,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from probe_sweep.tracking import STAT_FIELDS, _atomic, null_statistics, plt
+from probe_sweep.tracking import STAT_FIELDS, null_statistics, plt, temp_path
 
 log = logging.getLogger("probe_sweep.report")
 
@@ -167,7 +167,7 @@ def plot_sweep(jobs: list[JobResult], path: Path, title: str) -> bool:
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(done)), fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(done) - 1) // 3), 1, 1))
-    tmp = _atomic(path)
+    tmp = temp_path(path)
     fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     tmp.replace(path)
@@ -270,7 +270,7 @@ def write_sweep_report(sweep_dir: Path) -> Path:
 
     lines += ["", "## W&B runs", "", *_wandb_lines(jobs), ""]
     path = sweep_dir / REPORT
-    tmp = _atomic(path)
+    tmp = temp_path(path)
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
     return path
@@ -287,7 +287,7 @@ def _write_csv(jobs: list[JobResult], path: Path) -> None:
         }
         - {"layer"}
     )
-    tmp = _atomic(path)
+    tmp = temp_path(path)
     with tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["job", "dir", "layer", *keys])

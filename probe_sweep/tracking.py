@@ -38,18 +38,19 @@ SCHEMA_VERSION = 1
 log = logging.getLogger("probe_sweep.tracking")
 
 
-def _atomic(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
+    """Where to write ``path`` before an atomic rename onto it (same dir, per process)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = _atomic(path)
+    tmp = temp_path(path)
     tmp.write_text(json.dumps(payload, indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = _atomic(path)
+    tmp = temp_path(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
     os.replace(tmp, path)
 
@@ -74,7 +75,7 @@ def plot_accuracy_by_layer(rows: list[dict[str, Any]], path: Path, title: str) -
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    tmp = _atomic(path)
+    tmp = temp_path(path)
     fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     os.replace(tmp, path)
@@ -221,7 +222,7 @@ def read_probe_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = _atomic(path)
+    tmp = temp_path(path)
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,40 @@ def test_a_crash_outside_user_errors_is_recorded_too(tmp_path: Path) -> None:
     failed = json.loads(failed_path.read_text())
     assert failed["type"] in ("FileExistsError", "NotADirectoryError", "OSError"), failed
     assert "\n" not in failed["error"]
+
+
+def test_a_killed_job_run_again_resumes_after_the_probes_it_had_fitted(tmp_path: Path) -> None:
+    """Killed between probes and run again in the same dir (as a requeued SLURM job is), a job
+    reads back the probes it had fitted, and its results equal those of an uninterrupted run."""
+    # Three layers, seconds of fitting each, so the kill lands after the first probe is saved.
+    args = [
+        *SLURM_FAST,
+        "data.token_budget=8000",
+        "probe.max_epochs=100",
+        "probe.patience=100",
+    ]
+    out = tmp_path / "job"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "probe_sweep", *args, f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (out / ".fits" / "layer_0.pt").exists() and time.time() < deadline:
+        assert proc.poll() is None, "the job ended before its first probe was saved"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    saved = sorted(p.stem for p in (out / ".fits").glob("*.pt"))
+    assert "layer_0" in saved and not (out / "metrics.json").exists()
+
+    resumed = run_cli([*args, f"hydra.run.dir={out}"], cwd=tmp_path)
+    lines = [line for line in resumed.stdout.splitlines() if "Resumed layer_" in line]
+    assert len(lines) == len(saved) < 3, resumed.stdout
+    assert not (out / ".fits").exists(), "the saved probes outlived the complete results"
+    run_cli([*args, "hydra.run.dir=fresh"], cwd=tmp_path)
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "fresh"))
+    assert [(r["layer"], r["top1"], r["nll"], r["epochs"]) for r in got["layers"]] == [
+        (r["layer"], r["top1"], r["nll"], r["epochs"]) for r in want["layers"]
+    ]

@@ -106,18 +106,19 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
     slurm_cluster: None, tmp_path: Path
 ) -> None:
     """SIGUSR2 is what SLURM sends signal_delay_s before the time limit; submitit checkpoints
-    the job and requeues it, and the second run reuses the activations the first one cached."""
+    the job and requeues it, and the second run reuses the activations the first one cached and
+    the probe it had fitted."""
     sweep = tmp_path / "sweep"
     args = [
         "-m",
         *SLURM,
         *FAST,
-        # Seconds of fitting after extraction, so the signal lands mid-job even on an idle node.
+        # Seconds of fitting per probe, so the signal lands mid-job even on an idle node.
         "data.token_budget=20000",
         "probe.max_epochs=150",
         "probe.patience=150",
         "layers=subset",
-        "layers.indices=[0]",
+        "layers.indices=[0,1]",
         f"hydra.sweep.dir={sweep}",
     ]
     proc = subprocess.Popen(
@@ -130,8 +131,7 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
-            logs = "".join(p.read_text() for p in sweep.glob("*/probe_sweep.log"))
-            if "Cached activations" in logs:
+            if list(sweep.glob("*/.fits/layer_0.pt")):
                 break
             assert proc.poll() is None, proc.communicate()[0]
             time.sleep(0.2)
@@ -160,6 +160,7 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
     assert metrics["cache"]["reused"] is True, "the requeued job extracted again"
     log = (metrics_path.parent / "probe_sweep.log").read_text()
     assert log.count("Cached activations") == 1 and log.count("Reusing cached activations") == 1
+    assert log.count("Resumed layer_0") == 1 and "Resumed layer_1" not in log
 
 
 def show_job(job_id: str) -> str:
