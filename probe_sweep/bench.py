@@ -313,9 +313,7 @@ def section_softmax(s: Setup, layers: list[int], out: list[Row]) -> None:
     cfg = ProbeConfig(max_epochs=args.max_epochs)
     ours_total = sk_total = 0.0
     matched = True
-    dtype = (
-        probes.matmul_dtype(s.device, cfg.precision) if hasattr(probes, "matmul_dtype") else None
-    )
+    dtype = probes.matmul_dtype(s.device, cfg.precision)
     precision_rows = []
     for layer in layers:
         d = _standardised(s, layer)
@@ -331,7 +329,7 @@ def section_softmax(s: Setup, layers: list[int], out: list[Row]) -> None:
 
         t_ours, fit = timed(ours, args.repeats)
         acc_ours = score_probe(fit.probe, x[TEST], y[TEST], everything)["top1"]
-        if dtype is not None and dtype != torch.float32:
+        if dtype != torch.float32:
             start = time.perf_counter()
             fit32 = fit_softmax_probe(
                 x[TRAIN],
@@ -415,30 +413,18 @@ def section_ridge(s: Setup, layer: int, out: list[Row]) -> None:
     strengths = list(args.strengths)
     d = _standardised(s, layer)
     x, y = d["x"], d["y"]
-    path_api = hasattr(probes, "RidgePath")
 
     def ours() -> list[dict[str, float]]:
-        if path_api:
-            fit = fit_ridge_probe(
-                x[TRAIN],
-                y[TRAIN],
-                s.class_embeddings,
-                RegConfig(RegKind.l2, strengths[0]),
-                validation=(x[VAL], y[VAL]),
-                path_strengths=strengths,
-            )
-            path = fit.path
-        else:  # older probes.py: one closed-form fit (one decomposition) per strength
-            every = torch.ones(len(y[VAL]), dtype=torch.bool, device=s.device)
-            path = []
-            for value in strengths:
-                fit = fit_ridge_probe(
-                    x[TRAIN], y[TRAIN], s.class_embeddings, RegConfig(RegKind.l2, value)
-                )
-                nll = score_probe(fit.probe, x[VAL], y[VAL], every)["nll"]
-                path.append({"strength": value, "val_nll": nll})
+        fit = fit_ridge_probe(
+            x[TRAIN],
+            y[TRAIN],
+            s.class_embeddings,
+            RegConfig(RegKind.l2, strengths[0]),
+            validation=(x[VAL], y[VAL]),
+            path_strengths=strengths,
+        )
         sync(s.device)
-        return path
+        return fit.path
 
     t_ours, path = timed(ours, args.repeats)
     best = min(path, key=lambda p: p["val_nll"])["strength"]
@@ -454,12 +440,11 @@ def section_ridge(s: Setup, layer: int, out: list[Row]) -> None:
 
     t_sk, ridge = timed(theirs, args.sk_repeats)
     ratio = t_sk / t_ours
-    how = "fit_ridge_probe(path_strengths=...)" if path_api else "one fit per strength"
     out.append(
         Row(
             "3 ridge path",
-            f"layer {layer}, {len(strengths)} strengths, {how}: s (chosen strength; ours by "
-            f"validation NLL, RidgeCV by leave-one-out MSE)",
+            f"layer {layer}, {len(strengths)} strengths, fit_ridge_probe(path_strengths=...): "
+            "s (chosen strength; ours by validation NLL, RidgeCV by leave-one-out MSE)",
             f"{t_ours:.2f} ({best:g})",
             f"{t_sk:.2f} ({ridge.alpha_ / n:g})",
             f"{ratio:.1f}x faster",
