@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -185,3 +186,25 @@ def test_a_killed_job_run_again_resumes_after_the_probes_it_had_fitted(tmp_path:
     assert [(r["layer"], r["top1"], r["nll"], r["epochs"]) for r in got["layers"]] == [
         (r["layer"], r["top1"], r["nll"], r["epochs"]) for r in want["layers"]
     ]
+
+
+def test_saved_probes_of_another_config_are_not_read_back(tmp_path: Path) -> None:
+    """The .fits dir belongs to one content key: a different config run in the same dir, or
+    redo=true, fits again."""
+    from probe_sweep import jobs
+
+    def fit_and_save(key: str) -> None:
+        jobs.FitCheckpoint(tmp_path, key, torch.device("cpu")).get_or_fit(
+            "layer_0", lambda: torch.ones(3)
+        )
+
+    def read_back(key: str) -> object:
+        checkpoint = jobs.FitCheckpoint(tmp_path, key, torch.device("cpu"))
+        return checkpoint.get_or_fit("layer_0", lambda: "fitted again")
+
+    fit_and_save("key-a")
+    assert torch.equal(read_back("key-a"), torch.ones(3))  # type: ignore[arg-type]
+    assert read_back("key-b") == "fitted again"
+    fit_and_save("key-c")
+    jobs.clear_markers(tmp_path, redo=True)
+    assert read_back("key-c") == "fitted again"
