@@ -220,7 +220,8 @@ def write_sweep_report(sweep_dir: Path) -> Path:
     lines += _table(header, rows)
 
     lines += ["", "## Accuracy by layer", ""]
-    title = f"sweep {sweep_dir.name}: held-out scores by layer, one line per job"
+    where = "/".join(sweep_dir.resolve().parts[-2:])  # multirun/<date>/<time> -> <date>/<time>
+    title = f"{where}: held-out scores by layer, one line per job"
     if plot_sweep(jobs, sweep_dir / PLOT, title):
         lines += [f"![top-1 accuracy and NLL by layer, one line per job]({PLOT})", ""]
         layers = sorted({r["layer"] for j in finished for r in j.metrics["layers"]})  # type: ignore[index]
