@@ -390,6 +390,7 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as exc:
         if tuning.is_pruned(exc):
             log.info("Trial pruned by the study: %s", exc)
+            jobs.discard_fits(out_dir)  # a pruned trial is never run again
             raise  # the Optuna sweeper records the trial as pruned
         jobs.write_failed(out_dir, exc, overrides)
         if not multirun:

@@ -85,7 +85,12 @@ def clear_markers(out_dir: Path, redo: bool) -> None:
     for name in (FAILED, SKIPPED, *((METRICS,) if redo else ())):
         (out_dir / name).unlink(missing_ok=True)
     if redo:
-        shutil.rmtree(out_dir / FITS, ignore_errors=True)
+        discard_fits(out_dir)
+
+
+def discard_fits(out_dir: Path) -> None:
+    """Drop the probes saved for resuming: the results are written, or will never be."""
+    shutil.rmtree(out_dir / FITS, ignore_errors=True)
 
 
 class FitCheckpoint:
@@ -98,7 +103,7 @@ class FitCheckpoint:
     """
 
     def __init__(self, out_dir: Path, key: str, device: torch.device) -> None:
-        self.dir, self.device = out_dir / FITS, device
+        self.out_dir, self.dir, self.device = out_dir, out_dir / FITS, device
         stamp = self.dir / "key"
         if self.dir.exists() and (not stamp.is_file() or stamp.read_text() != key):
             shutil.rmtree(self.dir)
@@ -119,7 +124,7 @@ class FitCheckpoint:
         return value
 
     def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        discard_fits(self.out_dir)
 
 
 def note_skipped(out_dir: Path, done: Path, key: str) -> None:

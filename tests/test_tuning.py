@@ -114,6 +114,7 @@ def test_unpromising_trials_are_pruned(tmp_path: Path) -> None:
     rows = read_trials(next((tmp_path / "sweep").glob("*/trials.csv")).parent)
     states = [r["state"] for r in rows]
     assert "PRUNED" in states and "COMPLETE" in states, rows
+    assert not list((tmp_path / "sweep").rglob(".fits")), "a pruned trial kept its saved probes"
 
 
 @pytest.mark.e2e
