@@ -375,6 +375,15 @@ def section_softmax(s: Setup, layers: list[int], out: list[Row]) -> None:
         acc_sk = float((clf.predict(xs[TEST]) == y[TEST].cpu().numpy()).mean())
         close = abs(acc_ours - acc_sk) <= 0.01
         matched &= close
+        epochs, iterations = len(fit.history), int(clf.n_iter_[0])
+        per_epoch = t_ours / epochs
+        s.notes.append(
+            f"softmax, layer {layer}, why the ratio is what it is: ours {epochs} epochs (of at "
+            f"most {cfg.max_epochs}, early stopping on validation NLL) at {per_epoch:.3f} s each, "
+            f"scikit-learn "
+            f"{iterations} lbfgs iterations at {t_sk / iterations:.3f} s each; 20x would need "
+            f"ours in {t_sk / 20:.2f} s, about {t_sk / 20 / per_epoch:.1f} epochs"
+        )
         ours_total += t_ours
         sk_total += t_sk
         out.append(
