@@ -32,7 +32,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from probe_sweep.tracking import STAT_FIELDS, null_statistics, plt, temp_path
+from probe_sweep.tracking import STAT_FIELDS, null_statistics, plt, save_figure, temp_path
 
 log = logging.getLogger("probe_sweep.report")
 
@@ -167,10 +167,7 @@ def plot_sweep(jobs: list[JobResult], path: Path, title: str) -> bool:
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(done)), fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(done) - 1) // 3), 1, 1))
-    tmp = temp_path(path)
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
     return True
 
 

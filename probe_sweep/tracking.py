@@ -55,6 +55,15 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     os.replace(tmp, path)
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically (a reader never sees half an image) and
+    close it."""
+    tmp = temp_path(path)
+    fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_accuracy_by_layer(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     layers = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -75,10 +84,7 @@ def plot_accuracy_by_layer(rows: list[dict[str, Any]], path: Path, title: str) -
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    tmp = temp_path(path)
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -221,13 +227,6 @@ def read_probe_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str
     return weights, metadata
 
 
-def _save(fig: Any, path: Path) -> None:
-    tmp = temp_path(path)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def plot_probe_weights(tensors_path: Path, out_dir: Path, max_panels: int = 8) -> list[Path]:
     """Two images of the probes in the job's basis, written into ``out_dir``:
     ``probe_weight_mass.png`` (each probe's squared weight per basis component, relative to an
@@ -255,7 +254,7 @@ def plot_probe_weights(tensors_path: Path, out_dir: Path, max_panels: int = 8) -
     ax.set_title(f"squared probe weight by component ({basis} basis), 1 = even spread", fontsize=9)
     fig.colorbar(image, ax=ax, extend="both", label="share x number of components")
     mass_path = out_dir / "probe_weight_mass.png"
-    _save(fig, mass_path)
+    save_figure(fig, mass_path)
 
     index = np.unique(np.linspace(0, len(names) - 1, min(max_panels, len(names))).round())
     picks = [names[int(i)] for i in index]
@@ -274,7 +273,7 @@ def plot_probe_weights(tensors_path: Path, out_dir: Path, max_panels: int = 8) -
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, extend="both")
     fig.suptitle(f"probe weights in the {basis} basis (shared colour scale)", fontsize=9)
     weights_path = out_dir / "probe_weights.png"
-    _save(fig, weights_path)
+    save_figure(fig, weights_path)
     return [mass_path, weights_path]
 
 

@@ -39,7 +39,7 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
-from probe_sweep.tracking import track_study
+from probe_sweep.tracking import plt, save_figure, track_study
 
 log = logging.getLogger(__name__)
 NAMING_GROUPS = ("model", "basis", "probe", "layers")
@@ -344,11 +344,6 @@ def write_summary(
 def plot_study(
     study: optuna.Study, path: Path, ridge_path: dict[str, list[float]] | None = None
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     trials = study.get_trials(deepcopy=False)
     names = sorted({k for t in trials for k in t.params})
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
@@ -387,5 +382,4 @@ def plot_study(
         ax.legend(fontsize=8)
     fig.suptitle(f"study {study.study_name}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
