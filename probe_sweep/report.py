@@ -171,10 +171,11 @@ def plot_sweep(jobs: list[JobResult], path: Path, title: str) -> bool:
     return True
 
 
-def write_sweep_report(sweep_dir: Path) -> Path:
-    """Write ``report.md`` (+ PNG, CSV) into ``sweep_dir`` from its jobs' files; returns it."""
+def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> Path:
+    """Write ``report.md`` (+ PNG, CSV) into ``sweep_dir`` from its jobs' files (``jobs``, when
+    the caller has already read them); returns it."""
     sweep_dir = Path(sweep_dir)
-    jobs = read_jobs(sweep_dir)
+    jobs = read_jobs(sweep_dir) if jobs is None else jobs
     finished = [j for j in jobs if j.status == "finished"]
     failed = [j for j in jobs if j.status == "failed"]
     incomplete = [j for j in jobs if j.status == "incomplete"]
@@ -331,12 +332,13 @@ class SweepReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            log.info("Sweep report: %s", write_sweep_report(sweep_dir))
+            jobs = read_jobs(sweep_dir)
+            log.info("Sweep report: %s", write_sweep_report(sweep_dir, jobs))
             # Failures left in the sweep dir by earlier multiruns are in the report, not here
             # (whole seconds: some file systems keep coarse modification times).
             failed = [
                 job.dir.name
-                for job in read_jobs(sweep_dir)
+                for job in jobs
                 if job.status == "failed"
                 and (job.dir / "failed.json").stat().st_mtime >= int(self.started)
             ]
