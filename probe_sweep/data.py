@@ -32,6 +32,8 @@ class DataConfig:
 
     source: CorpusSource = CorpusSource.python_docs
     paths: list[str] = field(default_factory=list)
+    # How data=text_files decodes its files; decoding is strict (a bad byte is an error).
+    encoding: str = "utf-8"
     hf_name: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
@@ -76,14 +78,39 @@ def python_docs_texts() -> Iterator[str]:
         yield topics[key]
 
 
-def text_file_texts(paths: list[str]) -> Iterator[str]:
+def decode_text(raw: bytes, name: str, encoding: str) -> str:
+    """``raw`` decoded strictly: a bad byte or a NUL (UTF-16 read as 8-bit, or binary data) is a
+    UserError naming the file, the byte offset and the setting that fixes it."""
+    fix = "if the file is text in another encoding, pass data.encoding=<codec> (e.g. latin-1)"
+    try:
+        text = raw.decode(encoding)
+    except LookupError as exc:
+        raise UserError(
+            f"data.encoding={encoding!r} is not a codec Python knows; use e.g. utf-8 or latin-1"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{name} is not valid {encoding}: byte 0x{raw[exc.start]:02x} at byte offset "
+            f"{exc.start} ({exc.reason}); {fix}"
+        ) from exc
+    nul = text.find("\x00")
+    if nul >= 0:
+        offset = len(text[:nul].encode(encoding))
+        raise UserError(
+            f"{name} holds a NUL character at byte offset {offset}: it is binary or UTF-16 "
+            f"rather than {encoding} text; {fix}"
+        )
+    return text.removeprefix("\ufeff")
+
+
+def text_file_texts(paths: list[str], encoding: str = "utf-8") -> Iterator[str]:
     if not paths:
         raise UserError("data=text_files needs files: pass data.paths='[a.txt,b.txt]'")
     missing = [p for p in paths if not Path(p).expanduser().is_file()]
     if missing:
         raise UserError(f"data.paths: no such file {missing[0]!r}; pass existing text files")
     for path in paths:
-        yield Path(path).expanduser().read_text(encoding="utf-8", errors="replace")
+        yield decode_text(Path(path).expanduser().read_bytes(), f"data.paths file {path}", encoding)
 
 
 def hf_dataset_texts(cfg: DataConfig) -> Iterator[str]:
@@ -112,7 +139,7 @@ def corpus_texts(cfg: DataConfig) -> Iterator[str]:
     if cfg.source is CorpusSource.python_docs:
         return python_docs_texts()
     if cfg.source is CorpusSource.text_files:
-        return text_file_texts(list(cfg.paths))
+        return text_file_texts(list(cfg.paths), cfg.encoding)
     return hf_dataset_texts(cfg)
 
 

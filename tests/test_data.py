@@ -76,3 +76,61 @@ def test_corpus_smaller_than_budget(tokenizer, tmp_path: Path) -> None:
 def test_sequence_longer_than_model_maximum(tokenizer) -> None:
     with pytest.raises(UserError, match="data.seq_len=1024 exceeds the model's maximum of 512"):
         build_corpus(DataConfig(seq_len=1024), tokenizer, 512, seed=0)
+
+
+PROSE = "The quick brown fox jumps over the lazy dog near the café. " * 200
+
+
+def text_cfg(path: Path, **kwargs) -> DataConfig:
+    return DataConfig(
+        source=CorpusSource.text_files, paths=[str(path)], token_budget=1000, **kwargs
+    )
+
+
+def test_invalid_utf8_names_the_file_and_the_byte_offset(tokenizer, tmp_path: Path) -> None:
+    raw = PROSE.encode()
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes(raw[:1234] + "é".encode("latin-1") + raw[1234:])
+    with pytest.raises(UserError) as info:
+        build_corpus(text_cfg(bad), tokenizer, 512, seed=0)
+    message = str(info.value)
+    assert str(bad) in message and "byte offset 1234" in message and "0xe9" in message
+    assert "data.encoding=<codec>" in message
+    # The same file read as Latin-1 is fine.
+    corpus = build_corpus(text_cfg(bad, encoding="latin-1"), tokenizer, 512, seed=0)
+    assert "fox" in tokenizer.decode(corpus.targets[0])
+
+
+def test_binary_garbage_and_utf16_are_refused(tokenizer, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 20_000, np.uint8).tobytes())
+    with pytest.raises(UserError, match=r"garbage.bin is not valid utf-8: byte 0x.. at byte off"):
+        build_corpus(text_cfg(garbage), tokenizer, 512, seed=0)
+    with_bom = tmp_path / "utf16.txt"
+    with_bom.write_bytes(PROSE.encode("utf-16"))
+    with pytest.raises(UserError, match="utf16.txt is not valid utf-8: byte 0xff at byte offset 0"):
+        build_corpus(text_cfg(with_bom), tokenizer, 512, seed=0)
+    no_bom = tmp_path / "utf16le.txt"
+    # ASCII text as UTF-16 without a BOM is valid UTF-8 (NULs between letters): caught as NUL.
+    no_bom.write_bytes(PROSE.replace("é", "e").encode("utf-16-le"))
+    with pytest.raises(UserError, match="utf16le.txt holds a NUL character at byte offset 1"):
+        build_corpus(text_cfg(no_bom), tokenizer, 512, seed=0)
+    # Read with its real encoding it is text.
+    corpus = build_corpus(text_cfg(with_bom, encoding="utf-16"), tokenizer, 512, seed=0)
+    assert "fox" in tokenizer.decode(corpus.targets[0])
+
+
+def test_unknown_encoding(tokenizer, tmp_path: Path) -> None:
+    text = tmp_path / "story.txt"
+    text.write_text(PROSE)
+    with pytest.raises(UserError, match="data.encoding='klingon' is not a codec"):
+        build_corpus(text_cfg(text, encoding="klingon"), tokenizer, 512, seed=0)
+
+
+def test_text_files_config_sets_the_encoding() -> None:
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf/data/text_files.yaml"
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(conf))
+    assert OmegaConf.to_object(cfg).encoding == "utf-8"
+    assert DataConfig().encoding == "utf-8"
