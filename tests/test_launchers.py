@@ -169,12 +169,12 @@ def test_a_killed_job_run_again_resumes_after_the_probes_it_had_fitted(tmp_path:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
-    while not (out / ".fits" / "layer_0.pt").exists() and time.time() < deadline:
+    while not (out / ".fits" / "layer_0.safetensors").exists() and time.time() < deadline:
         assert proc.poll() is None, "the job ended before its first probe was saved"
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    saved = sorted(p.stem for p in (out / ".fits").glob("*.pt"))
+    saved = sorted(p.stem for p in (out / ".fits").glob("*.safetensors"))
     assert "layer_0" in saved and not (out / "metrics.json").exists()
 
     resumed = run_cli([*args, f"hydra.run.dir={out}"], cwd=tmp_path)
@@ -192,19 +192,21 @@ def test_saved_probes_of_another_config_are_not_read_back(tmp_path: Path) -> Non
     """The .fits dir belongs to one content key: a different config run in the same dir, or
     redo=true, fits again."""
     from probe_sweep import jobs
+    from tests.test_fit_checkpoint import a_fit
+
+    saved, again = a_fit(), a_fit(map_weight=False)
 
     def fit_and_save(key: str) -> None:
-        jobs.FitCheckpoint(tmp_path, key, torch.device("cpu")).get_or_fit(
-            "layer_0", lambda: torch.ones(3)
-        )
+        jobs.FitCheckpoint(tmp_path, key, torch.device("cpu")).get_or_fit("layer_0", lambda: saved)
 
     def read_back(key: str) -> object:
         checkpoint = jobs.FitCheckpoint(tmp_path, key, torch.device("cpu"))
-        return checkpoint.get_or_fit("layer_0", lambda: "fitted again")
+        return checkpoint.get_or_fit("layer_0", lambda: again)
 
     fit_and_save("key-a")
-    assert torch.equal(read_back("key-a"), torch.ones(3))  # type: ignore[arg-type]
-    assert read_back("key-b") == "fitted again"
+    resumed = read_back("key-a")
+    assert resumed is not again and torch.equal(resumed.map_weight, saved.map_weight)  # type: ignore[attr-defined]
+    assert read_back("key-b") is again
     fit_and_save("key-c")
     jobs.clear_markers(tmp_path, redo=True)
-    assert read_back("key-c") == "fitted again"
+    assert read_back("key-c") is again
