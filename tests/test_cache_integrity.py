@@ -65,9 +65,9 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def flip_finite(path: Path) -> None:
-    """Flip the lowest mantissa bit of a float32 in the middle of a layer file: still finite."""
+    """Flip the lowest mantissa bit of a value in the middle of a layer file: still finite."""
     array = np.load(path, mmap_mode="r")
-    offset = array.offset + (array.size // 2) * 4  # little-endian: first byte is the lowest
+    offset = array.offset + (array.size // 2) * array.itemsize  # little-endian: lowest byte
     del array
     with open(path, "r+b") as f:
         f.seek(offset)
