@@ -2,9 +2,10 @@
 
 Hydra's ``on_multirun_end`` gets no job results, so ``write_sweep_report`` reads each job dir
 under the sweep dir: ``metrics.json`` (finished), ``failed.json`` (failed: error, type,
-overrides), ``skipped.json`` (skipped: complete results already elsewhere in the sweep), none of
-them (incomplete: killed or still running), plus ``wandb_run.json`` when the
-tracker logged the job. It writes, in the sweep dir:
+overrides), ``skipped.json`` (skipped: complete results already elsewhere in the sweep),
+``pruned.json`` (pruned: an Optuna trial its study stopped), none of them (incomplete: killed or
+still running), plus ``wandb_run.json`` when the tracker logged the job. It writes, in the
+sweep dir:
 - ``report.md``: the jobs table, top-1 by layer, every null statistic in one table, failed and
   incomplete jobs, and how to see the W&B runs (their group, ``wandb sync`` for offline ones);
 - ``report_accuracy_by_layer.png``: top-1 accuracy and NLL by layer, one line per job;
@@ -45,7 +46,7 @@ CSV = "report_layers.csv"
 class JobResult:
     dir: Path
     num: int | None
-    status: str  # finished | failed | skipped | incomplete
+    status: str  # finished | failed | skipped | pruned | incomplete
     overrides: list[str] = field(default_factory=list)
     metrics: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
@@ -64,7 +65,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
     found: set[Path] = set()
-    for pattern in (".hydra", "metrics.json", "failed.json", "skipped.json"):
+    for pattern in (".hydra", "metrics.json", "failed.json", "skipped.json", "pruned.json"):
         for path in sweep_dir.rglob(pattern):
             rel = path.parent.relative_to(sweep_dir).parts
             if any(part == "wandb" or part.startswith(".") for part in rel):
@@ -72,6 +73,11 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
             if path.parent != sweep_dir:
                 found.add(path.parent)
     return sorted(found)
+
+
+def _natural(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key reading runs of digits as numbers: trial_2 before trial_10."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", path.as_posix())]
 
 
 def _num(job_dir: Path) -> int | None:
@@ -93,6 +99,8 @@ def read_jobs(sweep_dir: Path) -> list[JobResult]:
             if failure is not None
             else "skipped"
             if skipped is not None
+            else "pruned"
+            if (job_dir / "pruned.json").is_file()
             else "incomplete"
         )
         overrides: list[str] = []
@@ -113,7 +121,7 @@ def read_jobs(sweep_dir: Path) -> list[JobResult]:
                 wandb=_read_json(job_dir / "wandb_run.json"),
             )
         )
-    jobs.sort(key=lambda j: (j.num is None, j.num if j.num is not None else 0, str(j.dir)))
+    jobs.sort(key=lambda j: (j.num is None, j.num if j.num is not None else 0, _natural(j.dir)))
     _label(jobs)
     return jobs
 
@@ -180,12 +188,13 @@ def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> 
     failed = [j for j in jobs if j.status == "failed"]
     incomplete = [j for j in jobs if j.status == "incomplete"]
     skipped = [j for j in jobs if j.status == "skipped"]
+    pruned = [j for j in jobs if j.status == "pruned"]
     lines = [
         f"# Sweep report: {sweep_dir}",
         "",
         f"Written {datetime.now().isoformat(timespec='seconds')} from the job dirs' files. "
         f"{len(jobs)} jobs: {len(finished)} finished, {len(failed)} failed, "
-        f"{len(skipped)} skipped, {len(incomplete)} incomplete.",
+        f"{len(skipped)} skipped, {len(pruned)} pruned, {len(incomplete)} incomplete.",
         "",
         "## Jobs",
         "",
@@ -263,6 +272,9 @@ def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> 
     if skipped:
         lines += ["", "Skipped (complete results for the same config already in the sweep):", ""]
         lines += [f"- {j.label}: results in `{(j.skipped or {}).get('results')}`" for j in skipped]
+    if pruned:
+        lines += ["", "Pruned (Optuna trials their study stopped early; see pruned.json):", ""]
+        lines += [f"- {j.label}: `{j.dir.relative_to(sweep_dir).as_posix()}`" for j in pruned]
     if incomplete:
         lines += ["", "Incomplete (no metrics.json, no failed.json: killed or still running):", ""]
         lines += [f"- {j.label}: `{j.dir.relative_to(sweep_dir).as_posix()}`" for j in incomplete]

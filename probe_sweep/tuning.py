@@ -1,15 +1,19 @@
 """The job's side of an Optuna study: the objective it returns and the pruning hook.
 
 The sweeper (``hydra_plugins/probe_sweep_optuna``) asks the study for a trial and launches the
-job with ``tuning.study``, ``tuning.storage`` and ``tuning.trial_id`` set. The job reports each
-layer's validation score to that trial through the shared storage, so the study's pruner can stop
-an unpromising trial part way through; the Hydra sweeper API alone cannot, as it never hands the
-trial to the job.
+job with ``tuning.study``, ``tuning.storage``, ``tuning.trial_id`` and ``tuning.trial_number`` set.
+The job reports each layer's validation score to that trial through the shared storage, so the
+study's pruner can stop an unpromising trial part way through; the Hydra sweeper API alone cannot,
+as it never hands the trial to the job.
+
+Both sides open the storage with ``open_storage``: an RDB URL (``sqlite:///...``,
+``postgresql://...``) or ``journal:<path>``, Optuna's journal file storage.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,13 +28,61 @@ OBJECTIVES = ("val_nll", "val_top1", "nll", "top1", "top5")
 class TuningConfig:
     """``objective``: a per-layer metric (``val_*`` = validation split, the honest choice for
     tuning; the test split stays untouched), averaged over the probed layers or taken at
-    ``layer``. The study fields are set by the sweeper, not by hand."""
+    ``layer``. The study fields are set by the sweeper, not by hand: ``trial_id`` is the trial's
+    id in the storage (unique across studies), ``trial_number`` its number in its study (what the
+    log, ``trials.csv`` and the trial's directory name say)."""
 
     objective: str = "val_nll"
     layer: int | None = None
     study: str | None = None
     storage: str | None = None
     trial_id: int | None = None
+    trial_number: int | None = None
+
+
+JOURNAL = "journal:"
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna storage from what ``tuning.storage`` holds: ``journal:<path>`` is a
+    ``JournalStorage`` on a file (safe for several processes and nodes on a shared filesystem),
+    anything else an RDB URL (Optuna opens it)."""
+    if url.startswith(JOURNAL):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url[len(JOURNAL) :]))
+    return url
+
+
+PRUNER_ATTR = "pruner"  # the study's user attribute holding the sweeper's pruner settings
+
+
+def make_pruner(settings: dict[str, Any] | None) -> Any:
+    """The pruner the sweeper is configured with (``hydra.sweeper.pruner``): ``median`` with its
+    start-up trials and warm-up steps, or ``none``. The sweeper stores these settings in the
+    study so that each job's trial asks the same pruner, not Optuna's default."""
+    import optuna
+
+    settings = settings or {"kind": "none"}
+    if settings["kind"] == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(settings["n_startup_trials"]),
+            n_warmup_steps=int(settings["n_warmup_steps"]),
+        )
+    if settings["kind"] == "none":
+        return optuna.pruners.NopPruner()
+    raise UserError(f"pruner kind {settings['kind']!r}: use median or none")
+
+
+def quote_override(value: str) -> str:
+    """``value`` as a single-quoted value of Hydra's override grammar that reads back exactly:
+    backslashes before a quote or at the end doubled, quotes escaped, and ``${`` escaped so
+    that OmegaConf does not take a path for an interpolation."""
+    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return f"'{value}'"
 
 
 def check_objective(cfg: TuningConfig) -> None:
@@ -58,17 +110,29 @@ def trial_reporter(cfg: TuningConfig) -> Callable[[int, dict[str, Any]], None] |
         return None
     import optuna
 
-    study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
+    assert cfg.storage is not None, "the sweeper sets tuning.storage with tuning.trial_id"
+    storage = open_storage(cfg.storage)
+    study = optuna.load_study(study_name=cfg.study, storage=storage)
+    study.pruner = make_pruner(study.user_attrs.get(PRUNER_ATTR))
     trial = optuna.trial.Trial(study, cfg.trial_id)
+    reported: list[dict[str, Any]] = []
 
     def report(step: int, row: dict[str, Any]) -> None:
+        reported.append(row)
         if cfg.layer is not None and row["layer"] != cfg.layer:
             return
         trial.report(float(row[cfg.objective]), step)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after layer {row['layer']}")
+            pruned = optuna.TrialPruned(f"pruned after layer {row['layer']}")
+            pruned.rows = list(reported)  # type: ignore[attr-defined]
+            raise pruned
 
     return report
+
+
+def pruned_rows(exc: BaseException) -> list[dict[str, Any]]:
+    """The per-layer rows a pruned job had scored before its study stopped it."""
+    return list(getattr(exc, "rows", []))
 
 
 def is_pruned(exc: BaseException) -> bool:

@@ -11,7 +11,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from hydra_plugins.probe_sweep_optuna.sweeper import distribution
+from hydra_plugins.probe_sweep_optuna._impl import distribution
 from probe_sweep.errors import UserError
 from probe_sweep.tuning import TuningConfig, check_objective, objective
 from tests.conftest import TINY, run_cli
@@ -91,8 +91,14 @@ def test_ridge_study_finds_the_path_optimum_and_resumes(tmp_path: Path) -> None:
     assert len(runs) == 1 + 6 - best["n_pruned"]
 
     run_cli([*args, "hydra.sweeper.n_trials=8"], cwd=tmp_path)
-    numbers = [int(r["number"]) for r in read_trials(studies[0])]
-    assert numbers == list(range(8)), "a resumed study continues counting trials"
+    rows = read_trials(studies[0])
+    assert [int(r["number"]) for r in rows] == list(range(8)), "a resumed study counts on"
+    strengths = [r["reg.strength"] for r in rows]
+    assert len(set(strengths)) == 8, f"a resumed study repeated a trial: {strengths}"
+    # Each trial's directory is named by its number in the study.
+    assert sorted(p.name for p in studies[0].glob("trial_*")) == sorted(
+        f"trial_{n}" for n in range(8)
+    )
 
 
 @pytest.mark.e2e
