@@ -135,6 +135,31 @@ def pruned_rows(exc: BaseException) -> list[dict[str, Any]]:
     return list(getattr(exc, "rows", []))
 
 
+def pruned_metrics(exc: BaseException, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What the tracker logs for a pruned trial (a W&B run like any trial's, tagged pruned):
+    the layers it scored before its study stopped it, and the model and probe as configured
+    (``resolved``: the job's resolved config)."""
+
+    def get(dotted: str) -> Any:
+        node: Any = resolved
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    return {
+        "model": {"name": get("model.name")},
+        "probe": {
+            "kind": get("probe.kind"),
+            "layers": get("layers.mode"),
+            "basis": get("basis.kind"),
+            "reg": get("reg.kind"),
+            "strength": get("reg.strength"),
+        },
+        "layers": pruned_rows(exc),
+        "pruned": str(exc),
+    }
+
+
 def is_pruned(exc: BaseException) -> bool:
     """Whether ``exc`` is Optuna's "stop this trial" (without importing Optuna for other jobs)."""
     optuna = sys.modules.get("optuna")

@@ -13,7 +13,17 @@ from hydra.errors import HydraException
 
 from hydra_plugins.probe_sweep_optuna._impl import distribution
 from probe_sweep.errors import UserError
-from probe_sweep.tuning import TuningConfig, check_objective, objective
+from probe_sweep.tuning import (
+    PRUNER_ATTR,
+    TuningConfig,
+    check_objective,
+    is_pruned,
+    objective,
+    open_storage,
+    pruned_metrics,
+    pruned_rows,
+    trial_reporter,
+)
 from tests.conftest import TINY, run_cli
 from tests.wandb_reader import read_run, run_files
 
@@ -139,3 +149,37 @@ def test_grid_over_bases_makes_one_study_per_value(tmp_path: Path) -> None:
     )
     studies = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/best.json"))
     assert len(studies) == 2 and studies[0] != studies[1]
+
+
+def test_a_job_asks_the_pruner_the_sweeper_was_configured_with(tmp_path: Path) -> None:
+    """Not Optuna's default pruner: with pruner.kind=none nothing is pruned; with median, the
+    pruned job's exception carries the rows it had scored (its W&B run logs them)."""
+    url = f"journal:{tmp_path / 'optuna.journal'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url))
+    for value in (1.0, 1.0, 1.0, 1.0, 1.0):  # enough for Optuna's default MedianPruner
+        trial = study.ask()
+        for step in range(3):
+            trial.report(value, step)
+        study.tell(trial, value)
+
+    def run_trial(settings: dict) -> BaseException | None:
+        study.set_user_attr(PRUNER_ATTR, settings)
+        trial = study.ask()
+        cfg = TuningConfig(study="s", storage=url, trial_id=trial._trial_id)
+        report = trial_reporter(cfg)
+        assert report is not None
+        try:
+            for step in range(3):
+                report(step, {"layer": step, "val_nll": 9.0})
+        except optuna.TrialPruned as exc:
+            return exc
+        return None
+
+    assert run_trial({"kind": "none"}) is None
+    pruned = run_trial({"kind": "median", "n_startup_trials": 1, "n_warmup_steps": 1})
+    assert pruned is not None and is_pruned(pruned)
+    assert [r["layer"] for r in pruned_rows(pruned)] == [0, 1]
+    resolved = {"model": {"name": "tiny"}, "reg": {"kind": "l2", "strength": 0.1}}
+    metrics = pruned_metrics(pruned, resolved)
+    assert metrics["probe"]["strength"] == 0.1 and metrics["pruned"] == "pruned after layer 1"
+    assert len(metrics["layers"]) == 2
