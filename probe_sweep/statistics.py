@@ -29,7 +29,6 @@ direction named by ``alternative`` ("greater": larger = more aligned; "less" for
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -416,74 +415,96 @@ def format_entries(entries: list[dict[str, Any]]) -> str:
 # --- one job ----------------------------------------------------------------------------------
 
 
-def job_statistics(
-    fits: dict[str, Any],
-    results: list[dict[str, Any]],
-    encoder: torch.Tensor,
-    embedding: torch.Tensor,
-    class_embeddings: torch.Tensor,
-    cfg: StatisticsConfig,
-    seed: int,
-    control_scores: Callable[[int], dict[str, Any]] | None = None,
-    lens_probe_scores: Callable[[int], dict[str, Any]] | None = None,
-    lens_hidden: Callable[[int], torch.Tensor] | None = None,
-    lens_targets: torch.Tensor | None = None,
-    unembedding: torch.Tensor | None = None,
-    final_norm: torch.nn.Module | None = None,
-    final_layer: int | None = None,
-) -> dict[str, Any]:
-    """Every measurement of one job. ``fits``: probe name -> FitResult (``.probe.weight``,
-    ``.map_weight``); ``results``: the per-layer rows, which get extra fields in place.
-    ``control_scores(layer)``: held-out scores of the control-task probe;
-    ``lens_probe_scores(layer)``: of the probe on logit-lens log-probabilities.
-    ``lens_hidden(layer)``: natural-coordinate hidden states of held-out positions whose input
-    tokens are ``lens_targets``; ``final_layer``: the layer whose HF hidden state already has
-    the final norm applied (None if it was not extracted)."""
+@dataclass
+class LensInputs:
+    """Held-out hidden states (natural coordinates, per layer) and their input tokens for the
+    logit-lens read-outs; ``final_layer``: the layer whose HF hidden state already has the
+    final norm applied (None if it was not extracted)."""
+
+    hidden: dict[int, torch.Tensor]
+    targets: torch.Tensor
+    unembedding: torch.Tensor
+    final_norm: torch.nn.Module | None
+    final_layer: int | None
+
+
+@dataclass
+class JobProbes:
+    """What the statistics of one job are computed from. ``fits``: probe name -> FitResult
+    (``.probe.weight``, ``.map_weight``); ``rows``: the per-layer scores (they get the
+    statistics' per-layer fields); ``encoder`` (d, k): coordinates = h @ encoder;
+    ``control`` / ``lens_probe``: held-out scores of the control-task probe and of the probe on
+    logit-lens log-probabilities, by layer."""
+
+    fits: dict[str, Any]
+    rows: list[dict[str, Any]]
+    encoder: torch.Tensor
+    embedding: torch.Tensor
+    class_embeddings: torch.Tensor
+    control: dict[int, dict[str, Any]] | None = None
+    lens_probe: dict[int, dict[str, Any]] | None = None
+    lens: LensInputs | None = None
+
+
+def job_statistics(job: JobProbes, cfg: StatisticsConfig, seed: int) -> dict[str, Any]:
+    """Every measurement of one job; adds per-layer summaries to ``job.rows`` in place."""
     entries: list[dict[str, Any]] = []
     masses: dict[str, Any] = {}
     fields: dict[str, dict[str, Any]] = {}
-    for name, fit in fits.items():
-        layer = next((r["layer"] for r in results if r["probe"] == name), None)
+    for name, fit in job.fits.items():
+        layer = next((r["layer"] for r in job.rows if r["probe"] == name), None)
         layer = None if name == "pooled" else layer
         found, row, mass = probe_statistics(
-            fit.probe.weight, fit.map_weight, encoder, class_embeddings, embedding, layer, cfg, seed
-        )
+            fit.probe.weight, fit.map_weight, job.encoder, job.class_embeddings, job.embedding,
+            layer, cfg, seed,
+        )  # fmt: skip
         entries += found
         masses[name] = mass
         fields[name] = row
-    for row in results:
+    for row in job.rows:
         row.update(fields[row["probe"]])
-    if control_scores is not None:
-        for row in results:
-            control = control_scores(row["layer"])
-            row["control_top1"] = control["top1"]
-            row["selectivity"] = row["top1"] - control["top1"]
-    if lens_probe_scores is not None:
-        for row in results:
-            lens_probe = lens_probe_scores(row["layer"])
-            row["lens_probe_top1"] = lens_probe["top1"]
-            row["hidden_minus_lens_probe_top1"] = row["top1"] - lens_probe["top1"]
+        if job.control is not None:
+            row["control_top1"] = job.control[row["layer"]]["top1"]
+            row["selectivity"] = row["top1"] - row["control_top1"]
+        if job.lens_probe is not None:
+            row["lens_probe_top1"] = job.lens_probe[row["layer"]]["top1"]
+            row["hidden_minus_lens_probe_top1"] = row["top1"] - row["lens_probe_top1"]
     lens: list[dict[str, Any]] = []
-    if cfg.logit_lens and unembedding is not None and lens_hidden is not None:
-        assert lens_targets is not None
-        final_logits = None
-        if final_layer is not None:
-            final_logits = lens_logits(lens_hidden(final_layer), unembedding, final_norm, False)
-        for row in results:
-            layer = row["layer"]
-            hidden = lens_hidden(layer)
-            logits = lens_logits(hidden, unembedding, final_norm, layer != final_layer)
-            readout = {"layer": layer, **input_token_readout(logits, lens_targets)}
-            if final_logits is not None:
-                values, found = token_set_projection(
-                    hidden, embedding, final_logits, cfg.unlikely_k, layer, cfg.n_permutations, seed
-                )
-                readout.update(values)
-                entries += found
-            readout["probe_minus_lens_top1"] = row["top1"] - readout["lens_input_top1"]
-            row.update({k: v for k, v in readout.items() if k != "layer"})
-            lens.append(readout)
+    if job.lens is not None:
+        lens, found = logit_lens_readouts(job.lens, job.rows, job.embedding, cfg, seed)
+        entries += found
     return {"entries": entries, "weight_mass": masses, "logit_lens": lens}
+
+
+def logit_lens_readouts(
+    lens: LensInputs,
+    rows: list[dict[str, Any]],
+    embedding: torch.Tensor,
+    cfg: StatisticsConfig,
+    seed: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per layer: the logit lens's read-out of the input token, and the projection of the
+    hidden state on the embeddings of tokens the final layer ranks lowest / highest."""
+    final_logits = None
+    if lens.final_layer is not None:
+        final_hidden = lens.hidden[lens.final_layer]
+        final_logits = lens_logits(final_hidden, lens.unembedding, lens.final_norm, False)
+    readouts, entries = [], []
+    for row in rows:
+        layer = row["layer"]
+        hidden = lens.hidden[layer]
+        logits = lens_logits(hidden, lens.unembedding, lens.final_norm, layer != lens.final_layer)
+        readout = {"layer": layer, **input_token_readout(logits, lens.targets)}
+        if final_logits is not None:
+            values, found = token_set_projection(
+                hidden, embedding, final_logits, cfg.unlikely_k, layer, cfg.n_permutations, seed
+            )
+            readout.update(values)
+            entries += found
+        readout["probe_minus_lens_top1"] = row["top1"] - readout["lens_input_top1"]
+        row.update({k: v for k, v in readout.items() if k != "layer"})
+        readouts.append(readout)
+    return readouts, entries
 
 
 LAYER_FIELDS = [

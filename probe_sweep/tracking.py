@@ -89,12 +89,13 @@ def plot_accuracy_by_layer(rows: list[dict[str, Any]], path: Path, title: str) -
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of the per-layer scores, for the console and the job log."""
-    columns = ["layer", "top1", "top5", "nll", "top1_frequent", "top1_rare", "epochs"]
+    columns = ["layer", "top1", "top5", "nll", "top1_frequent", "top1_rare"]
+    columns += [c for c in ("iterations", "converged") if any(c in r for r in rows)]
     lines = ["  ".join(f"{c:>13}" for c in columns)]
     for row in rows:
         cells = []
         for c in columns:
-            value = row[c]
+            value = row.get(c)
             if isinstance(value, float):
                 cells.append(f"{value:>13.4f}")
             else:
@@ -520,32 +521,24 @@ def _log_contents(
                     if _is_number(stat.get(key)):
                         point[f"by_layer/null/{base or 'statistic'}/{key}"] = stat[key]
         run.log({"layer": row["layer"], **point})
-    # Training curves: one line per fitted probe, x-axis = epoch.
-    run.define_metric("epoch")
-    run.define_metric("fit/*", step_metric="epoch")
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        curves.setdefault(str(row.get("probe", f"layer_{row['layer']}")), row.get("history") or [])
+    # Fit curves: the objective at every solver evaluation, one line per fitted probe.
+    run.define_metric("evaluation")
+    run.define_metric("fit/*", step_metric="evaluation")
+    curves = {name: fit.get("history") or [] for name, fit in metrics.get("fits", {}).items()}
     train_rows = []
     for probe, history in curves.items():
         for point in history:
-            values = {k: v for k, v in point.items() if k != "epoch" and _is_number(v)}
-            run.log(
-                {"epoch": point.get("epoch"), **{f"fit/{probe}/{k}": v for k, v in values.items()}}
-            )
-            train_rows.append(
-                [probe, point.get("epoch"), values.get("train_loss"), values.get("val_loss")]
-            )
-    with_val = {p: h for p, h in curves.items() if any(_is_number(x.get("val_loss")) for x in h)}
-    if with_val:
+            run.log({"evaluation": point["evaluation"], f"fit/{probe}/objective": point["objective"]})
+            train_rows.append([probe, point["evaluation"], point["objective"]])
+    if any(curves.values()):
         chart = wandb.plot.line_series(
-            xs=[[x["epoch"] for x in h] for h in with_val.values()],
-            ys=[[x.get("val_loss") for x in h] for h in with_val.values()],
-            keys=list(with_val),
-            title="validation loss by epoch, one line per probe",
-            xname="epoch",
+            xs=[[x["evaluation"] for x in h] for h in curves.values()],
+            ys=[[x["objective"] for x in h] for h in curves.values()],
+            keys=list(curves),
+            title="training objective by solver evaluation, one line per probe",
+            xname="evaluation",
         )
-        run.log({"charts/val_loss_by_epoch": chart})
+        run.log({"charts/objective_by_evaluation": chart})
     # Tables: per layer, training history, null statistics.
     columns = sorted({k for r in rows for k in layer_scalars(r)})
     layer_table = wandb.Table(columns=["layer", "probe", *columns])
@@ -554,7 +547,7 @@ def _log_contents(
     tables: dict[str, Any] = {"tables/per_layer": layer_table}
     if train_rows:
         tables["tables/training"] = wandb.Table(
-            columns=["probe", "epoch", "train_loss", "val_loss"], data=train_rows
+            columns=["probe", "evaluation", "objective"], data=train_rows
         )
     if stats:
         extra = sorted({k for s in stats for k in s} - {"name", *STAT_FIELDS})

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 # Small enough for seconds on 2 CPU cores, large enough that probes learn something.
-TINY = ["model=tiny", "data.token_budget=4000", "data.seq_len=64", "probe.max_epochs=5"]
+TINY = ["model=tiny", "data.token_budget=4000", "data.seq_len=64"]
 
 
 @pytest.fixture(autouse=True)

@@ -32,56 +32,30 @@ def planted(n: int, n_classes: int = 20, d: int = 16, noise: float = 0.3, seed: 
 
 def test_softmax_probe_learns_a_planted_task() -> None:
     x, y, _ = planted(4000)
-    fit = fit_softmax_probe(
-        x[:3000],
-        y[:3000],
-        x[3000:3500],
-        y[3000:3500],
-        20,
-        RegConfig(),
-        ProbeConfig(max_epochs=20, batch_size=256),
-        seed=0,
-    )
+    fit = fit_softmax_probe(x[:3000], y[:3000], 20, RegConfig(), ProbeConfig())
+    assert fit.convergence["converged"] and fit.convergence["solver"] == "lbfgs"
     scores = score_probe(fit.probe, x[3500:], y[3500:], torch.ones(500, dtype=torch.bool))
     assert scores["top1"] > 0.97 and scores["top5"] >= scores["top1"]
 
 
-def test_early_stopping_keeps_the_best_epoch() -> None:
-    # Few training rows, 40% of them mislabelled: validation loss turns up after a while.
-    x, y, _ = planted(1200, d=128, noise=2.0)
-    y_train = y[:200].clone()
-    y_train[:80] = torch.randint(0, 20, (80,), generator=torch.Generator().manual_seed(1))
-    fit = fit_softmax_probe(
-        x[:200],
-        y_train,
-        x[200:],
-        y[200:],
-        20,
-        RegConfig(RegKind.none, 0.0),
-        ProbeConfig(max_epochs=200, patience=3, batch_size=32),
-        seed=0,
-    )
-    assert len(fit.history) < 200
-    best = min(h["val_loss"] for h in fit.history)
-    scores = score_probe(fit.probe, x[200:], y[200:], torch.ones(1000, dtype=torch.bool))
-    assert scores["nll"] == pytest.approx(best, rel=1e-4)
-    assert fit.history[-1]["val_loss"] > best
-
-
 def test_softmax_probe_is_reproducible() -> None:
     x, y, _ = planted(2000)
-    args = (x[:1500], y[:1500], x[1500:], y[1500:], 20, RegConfig(), ProbeConfig(max_epochs=3))
-    a, b = fit_softmax_probe(*args, seed=1), fit_softmax_probe(*args, seed=1)
+    a, b = (fit_softmax_probe(x, y, 20, RegConfig(), ProbeConfig()) for _ in range(2))
     assert torch.equal(a.probe.weight, b.probe.weight)
 
 
 def test_stronger_l2_shrinks_the_weights() -> None:
     x, y, _ = planted(2000)
-    args = (x[:1500], y[:1500], x[1500:], y[1500:], 20)
-    cfg = ProbeConfig(max_epochs=10, batch_size=128)
-    weak = fit_softmax_probe(*args, RegConfig(RegKind.l2, 0.0), cfg, seed=0)
-    strong = fit_softmax_probe(*args, RegConfig(RegKind.l2, 0.1), cfg, seed=0)
+    weak = fit_softmax_probe(x, y, 20, RegConfig(RegKind.l2, 1e-4), ProbeConfig())
+    strong = fit_softmax_probe(x, y, 20, RegConfig(RegKind.l2, 0.1), ProbeConfig())
     assert strong.probe.weight.norm() < 0.5 * weak.probe.weight.norm()
+
+
+def test_a_fit_that_runs_out_of_iterations_says_so() -> None:
+    x, y, _ = planted(2000)
+    fit = fit_softmax_probe(x, y, 20, RegConfig(RegKind.l2, 1e-4), ProbeConfig(max_iter=2))
+    assert not fit.convergence["converged"]
+    assert fit.convergence["grad_norm_rel"] > fit.convergence["tol"]
 
 
 def test_ridge_map_matches_scikit_learn() -> None:

@@ -1,0 +1,524 @@
+"""One job, stage by stage, in the order of the data flow in DESIGN.md:
+
+    model -> corpus -> activation cache -> basis -> probes -> statistics -> job files
+
+Each stage is a function of typed values that returns a small dataclass; ``run_job`` wires
+them and is the only place that knows them all (the Hydra entry only translates the config).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from probe_sweep import jobs, tracking
+from probe_sweep import statistics as pstats
+from probe_sweep.activations import ActivationStore, extract
+from probe_sweep.bases import Basis, build_basis, check_basis_config
+from probe_sweep.config import Config
+from probe_sweep.data import TEST, TRAIN, VAL, Corpus, build_corpus
+from probe_sweep.errors import UserError
+from probe_sweep.layers import LayerMode, pooled_assignment, resolve_layers
+from probe_sweep.model import ModelInfo, inspect_model, load_model, load_tokenizer
+from probe_sweep.probes import (
+    ClassSet,
+    FitResult,
+    LinearProbe,
+    ProbeKind,
+    RidgePath,
+    class_index,
+    fit_ridge_probe,
+    fit_softmax_probe,
+    frequent_types,
+    score_probe,
+)
+
+log = logging.getLogger("probe_sweep")
+LayerHook = Callable[[int, dict[str, Any]], None]
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is visible; use device=auto or cpu")
+    return torch.device(name)
+
+
+# --- model, corpus, cache, basis ---------------------------------------------------------------
+
+
+@dataclass
+class Activations:
+    """What the later stages need from the model, once its hidden states are cached."""
+
+    info: ModelInfo
+    corpus: Corpus
+    store: ActivationStore
+    layers: list[int]
+    embedding: torch.Tensor  # W_E (V x d), float32, CPU
+    unembedding: torch.Tensor | None
+    final_norm: torch.nn.Module | None
+
+
+def cache_activations(config: Config, device: torch.device) -> Activations:
+    """Check every input, then load the model and cache its hidden states (or reuse them)."""
+    tokenizer = load_tokenizer(config.model)
+    info = inspect_model(config.model, len(tokenizer))
+    check_basis_config(config.basis, info.d_model)
+    layers = resolve_layers(config.layers, info.n_layers)
+    corpus = build_corpus(config.data, tokenizer, info.max_positions, config.seed)
+    log.info(
+        "Model %s (%d layers, d=%d) on %s; corpus %s",
+        *(info.name, info.n_layers, info.d_model, device, corpus.description),
+    )
+    model = load_model(config.model, len(tokenizer), device, config.seed)
+    store = extract(model, corpus, layers, config.activations, device)
+    embedding = model.embedding.float().cpu()
+    return Activations(info, corpus, store, layers, embedding, model.unembedding, model.final_norm)
+
+
+@dataclass
+class Split:
+    """Row indices, labels (class positions, -1 outside the class set) and the frequent-type
+    mask of each part (TRAIN, VAL, TEST) of the corpus."""
+
+    rows: dict[int, np.ndarray]
+    targets: np.ndarray  # token id of every corpus position
+    classes: np.ndarray  # token id of every class
+    labels: dict[int, torch.Tensor]
+    frequent: dict[int, torch.Tensor]
+    n_train_types: int
+    n_frequent_types: int
+
+
+def split_labels(
+    corpus: Corpus, probe_classes: ClassSet, vocab_size: int, device: torch.device
+) -> Split:
+    """Labels of every part; the classes are the types seen in training, or the vocabulary."""
+    targets = corpus.targets.reshape(-1)
+    rows = {part: corpus.rows(part) for part in (TRAIN, VAL, TEST)}
+    train_tokens = targets[rows[TRAIN]]
+    seen = np.unique(train_tokens)
+    classes = seen if probe_classes is ClassSet.seen else np.arange(vocab_size)
+    lookup = class_index(classes, vocab_size)
+    frequent_set = frequent_types(train_tokens)
+
+    def on_device(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(device)
+
+    return Split(
+        rows=rows,
+        targets=targets,
+        classes=classes,
+        labels={p: on_device(lookup[targets[r]]) for p, r in rows.items()},
+        frequent={p: on_device(np.isin(targets[r], frequent_set)) for p, r in rows.items()},
+        n_train_types=len(seen),
+        n_frequent_types=len(frequent_set),
+    )
+
+
+def read_rows(store: ActivationStore, layer: int, rows: np.ndarray) -> torch.Tensor:
+    """Cached hidden states of ``rows`` at ``layer``, natural coordinates, float32, on the CPU."""
+    return torch.from_numpy(np.asarray(store.layer(layer)[rows], np.float32))
+
+
+@dataclass
+class Inputs:
+    """Probe inputs: hidden states of a part's rows at given layers, in basis coordinates."""
+
+    store: ActivationStore
+    basis: Basis
+    split: Split
+    device: torch.device
+
+    def __call__(self, part: int, layer_of_row: np.ndarray | int) -> torch.Tensor:
+        rows = self.split.rows[part]
+        row_layers = np.broadcast_to(np.asarray(layer_of_row), rows.shape)
+        out = torch.empty(len(rows), self.store.meta["d_model"], dtype=torch.float32)
+        for layer in np.unique(row_layers):
+            pick = np.flatnonzero(row_layers == layer)
+            out[pick] = read_rows(self.store, int(layer), rows[pick])
+        return self.basis.coordinates(out.to(self.device))
+
+
+# --- probes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeTask:
+    """What one probe is fitted to: inputs and labels of the training and validation parts."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    n_classes: int
+    class_embeddings: torch.Tensor | None = None  # W_E rows of the classes: ridge and warm start
+
+
+def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
+    """The configured probe at the configured strength. A softmax probe over token classes is
+    warm-started from the closed-form ridge probe (one eigendecomposition, far cheaper than
+    one pass of the solver); over other labels, from zero."""
+    embeddings = task.class_embeddings
+    if config.probe.kind is ProbeKind.ridge:
+        assert embeddings is not None
+        return fit_ridge_probe(
+            task.x_train, task.y_train, embeddings, config.reg, (task.x_val, task.y_val),
+            config.probe.path_strengths,
+        )  # fmt: skip
+    init: LinearProbe | None = None
+    if embeddings is not None:
+        init = RidgePath(task.x_train, task.y_train, embeddings).fit(config.reg.strength).probe
+    return fit_softmax_probe(
+        task.x_train, task.y_train, task.n_classes, config.reg, config.probe, init, desc
+    )
+
+
+def score(
+    fit: FitResult,
+    layer: int,
+    name: str,
+    inputs: Inputs,
+    labels: dict[int, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Test-split scores (reported) plus validation NLL/top-1 (what tuning may use), and how
+    close the fit came to its optimum."""
+    split = inputs.split
+    labels = split.labels if labels is None else labels
+    val = score_probe(fit.probe, inputs(VAL, layer), labels[VAL], split.frequent[VAL])
+    test = score_probe(fit.probe, inputs(TEST, layer), labels[TEST], split.frequent[TEST])
+    row = {"layer": layer, "probe": name, **test, "val_nll": val["nll"], "val_top1": val["top1"]}
+    conv = fit.convergence
+    row.update({k: conv[k] for k in ("iterations", "grad_norm_rel", "converged") if k in conv})
+    return row
+
+
+@dataclass
+class Fitted:
+    fits: dict[str, FitResult]
+    rows: list[dict[str, Any]]
+
+
+def fit_identity_probes(
+    config: Config,
+    inputs: Inputs,
+    layers: list[int],
+    class_embeddings: torch.Tensor,
+    checkpoint: jobs.FitCheckpoint,
+    on_layer: LayerHook | None,
+) -> Fitted:
+    """One probe per layer (or one pooled probe scored at every layer) for the input token."""
+    split = inputs.split
+    labels, n_classes = split.labels, len(split.classes)
+
+    def task(train_layers: np.ndarray | int, val_layers: np.ndarray | int) -> ProbeTask:
+        x_train, x_val = inputs(TRAIN, train_layers), inputs(VAL, val_layers)
+        return ProbeTask(x_train, labels[TRAIN], x_val, labels[VAL], n_classes, class_embeddings)
+
+    if config.layers.mode is LayerMode.pooled:
+        train = pooled_assignment(len(split.rows[TRAIN]), layers, config.seed)
+        val = pooled_assignment(len(split.rows[VAL]), layers, config.seed + 1)
+        pooled = checkpoint.get_or_fit(
+            "pooled", lambda: fit_probe(config, task(train, val), "pooled probe")
+        )
+        log_fit("pooled", pooled)
+        fits = {"pooled": pooled}
+        names = {layer: "pooled" for layer in layers}
+    else:
+        fits, names = {}, {layer: f"layer_{layer}" for layer in layers}
+    rows = []
+    for layer in layers:
+        name = names[layer]
+        if name not in fits:
+            fits[name] = checkpoint.get_or_fit(
+                name,
+                lambda layer=layer: fit_probe(config, task(layer, layer), f"layer {layer} probe"),
+            )
+            log_fit(name, fits[name])
+        rows.append(score(fits[name], layer, name, inputs))
+        if on_layer is not None:
+            on_layer(len(rows) - 1, rows[-1])
+    return Fitted(fits, rows)
+
+
+def log_fit(name: str, fit: FitResult) -> None:
+    """One line per fitted probe: logs and SLURM files get this instead of progress bars."""
+    c = fit.convergence
+    if c.get("solver") == "closed_form":
+        return
+    state = "converged" if c["converged"] else "NOT converged"
+    log.log(
+        logging.INFO if c["converged"] else logging.WARNING,
+        "%s: %s (%s, %d iterations, objective %.6g, gradient %.1e of its start, tol %.0e)",
+        *(name, state, c["solver"], c["iterations"], c["objective"], c["grad_norm_rel"], c["tol"]),
+    )
+
+
+# --- controls, lenses and statistics -----------------------------------------------------------
+
+
+def control_probe_scores(
+    config: Config,
+    inputs: Inputs,
+    layers: list[int],
+    vocab_size: int,
+    checkpoint: jobs.FitCheckpoint,
+) -> dict[int, dict[str, Any]]:
+    """Held-out scores of the Hewitt & Liang control probe at each layer: the same probe on a
+    fixed random label per token type (a task only memorising types can solve)."""
+    split, n_labels = inputs.split, config.statistics.control_labels
+    mapping = pstats.control_task_labels(vocab_size, n_labels, config.seed)
+    labels = {
+        p: torch.from_numpy(mapping[split.targets[r]]).to(inputs.device)
+        for p, r in split.rows.items()
+    }
+    scores = {}
+    for layer in layers:
+        name = f"control_layer_{layer}"
+        fit = checkpoint.get_or_fit(
+            name,
+            lambda layer=layer: fit_softmax_probe(
+                inputs(TRAIN, layer), labels[TRAIN], n_labels, config.reg, config.probe,
+                desc=f"layer {layer} control probe",
+            ),
+        )  # fmt: skip
+        log_fit(name, fit)
+        scores[layer] = score(fit, layer, name, inputs, labels)
+    return scores
+
+
+def lens_inputs(acts: Activations, split: Split, n_rows: int) -> pstats.LensInputs | None:
+    """Held-out hidden states and input tokens for the logit-lens read-outs (None without an
+    unembedding). HF's last hidden state already has the final norm."""
+    if acts.unembedding is None:
+        return None
+    rows = split.rows[TEST][:n_rows]
+    final = acts.info.n_layers if acts.info.n_layers in acts.layers else None
+    return pstats.LensInputs(
+        hidden={layer: read_rows(acts.store, layer, rows) for layer in acts.layers},
+        targets=torch.from_numpy(split.targets[rows]),
+        unembedding=acts.unembedding,
+        final_norm=acts.final_norm,
+        final_layer=final,
+    )
+
+
+def lens_probe_scores(
+    config: Config, acts: Activations, inputs: Inputs, checkpoint: jobs.FitCheckpoint
+) -> dict[int, dict[str, Any]]:
+    """The identity probe fed the model's own guess instead of the hidden state: the logit-lens
+    log-probabilities of the classes (is identity in what the model predicts?)."""
+    assert acts.unembedding is not None
+    split, device = inputs.split, inputs.device
+    columns = torch.from_numpy(split.classes).to(device)
+    final = acts.info.n_layers if acts.info.n_layers in acts.layers else None
+    scores = {}
+    for layer in acts.layers:
+
+        def guess(part: int, layer: int = layer) -> torch.Tensor:
+            chunks = []
+            for start in range(0, len(split.rows[part]), 4096):
+                hidden = read_rows(acts.store, layer, split.rows[part][start : start + 4096])
+                logits = pstats.lens_logits(
+                    hidden.to(device), acts.unembedding, acts.final_norm, layer != final
+                )
+                chunks.append(logits.log_softmax(-1)[:, columns])
+            return torch.cat(chunks)
+
+        name = f"lens_layer_{layer}"
+        fit = checkpoint.get_or_fit(
+            name,
+            lambda guess=guess, layer=layer: fit_softmax_probe(
+                guess(TRAIN), split.labels[TRAIN], len(columns), config.reg, config.probe,
+                desc=f"layer {layer} logit-lens probe",
+            ),
+        )  # fmt: skip
+        log_fit(name, fit)
+        test = score_probe(fit.probe, guess(TEST), split.labels[TEST], split.frequent[TEST])
+        scores[layer] = test
+    return scores
+
+
+def measure(
+    config: Config,
+    acts: Activations,
+    inputs: Inputs,
+    fitted: Fitted,
+    checkpoint: jobs.FitCheckpoint,
+) -> dict[str, Any]:
+    """Statistics of the fitted probes against W_E, with their nulls and controls."""
+    stats_cfg = config.statistics
+    if not stats_cfg.enabled:
+        return {}
+    layers = [row["layer"] for row in fitted.rows]
+    vocab = acts.info.vocab_size
+    has_lens = acts.unembedding is not None
+    job = pstats.JobProbes(
+        fits=fitted.fits,
+        rows=fitted.rows,
+        encoder=inputs.basis.encoder,
+        embedding=acts.embedding,
+        class_embeddings=acts.embedding[torch.from_numpy(inputs.split.classes)],
+        control=control_probe_scores(config, inputs, layers, vocab, checkpoint)
+        if stats_cfg.control_task
+        else None,
+        lens_probe=lens_probe_scores(config, acts, inputs, checkpoint)
+        if stats_cfg.lens_probe and has_lens
+        else None,
+        lens=lens_inputs(acts, inputs.split, stats_cfg.lens_rows) if stats_cfg.logit_lens else None,
+    )
+    statistics = pstats.job_statistics(job, stats_cfg, config.seed)
+    statistics["basis"] = {"name": inputs.basis.name, **inputs.basis.info}
+    return statistics
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+def run_job(
+    config: Config,
+    resolved: dict[str, Any],
+    out_dir: Path,
+    job: dict[str, Any],
+    on_layer: LayerHook | None = None,
+) -> dict[str, Any]:
+    """One job: every stage in order; returns the metrics written to ``out_dir/metrics.json``.
+
+    ``job`` (content key, scheduler ids) is stored with them: a metrics.json that has it marks
+    complete results. ``on_layer(step, row)`` is called as each layer is scored (a tuner may
+    stop the job there)."""
+    clock = [time.perf_counter()]
+    device = pick_device(config.device)
+    acts = cache_activations(config, device)
+    split = split_labels(acts.corpus, config.probe.classes, acts.info.vocab_size, device)
+    train_counts = np.bincount(split.targets[split.rows[TRAIN]], minlength=acts.info.vocab_size)
+    basis = build_basis(config.basis, acts.embedding, train_counts, config.seed)
+    inputs = Inputs(acts.store, basis, split, device)
+    clock.append(time.perf_counter())
+
+    checkpoint = jobs.FitCheckpoint(out_dir, job["key"], device)
+    class_embeddings = acts.embedding[torch.from_numpy(split.classes)].to(device)
+    fitted = fit_identity_probes(
+        config, inputs, acts.layers, class_embeddings, checkpoint, on_layer
+    )
+    clock.append(time.perf_counter())
+    statistics = measure(config, acts, inputs, fitted, checkpoint)
+    clock.append(time.perf_counter())
+
+    metrics = job_metrics(config, acts, split, fitted, statistics, basis.name, clock)
+    metrics.update(job=job, config=resolved)
+    write_job_files(out_dir, metrics, fitted.fits, split.classes, basis.name)
+    checkpoint.discard()
+    return metrics
+
+
+def job_metrics(
+    config: Config,
+    acts: Activations,
+    split: Split,
+    fitted: Fitted,
+    statistics: dict[str, Any],
+    basis_name: str,
+    clock: list[float],
+) -> dict[str, Any]:
+    """The contents of metrics.json (schema in the README), less the job and config sections."""
+    info, rows = acts.info, split.rows
+    converged = [bool(f.convergence.get("converged", True)) for f in fitted.fits.values()]
+    return {
+        "schema_version": tracking.SCHEMA_VERSION,
+        "model": {
+            "name": info.name,
+            "model_type": info.model_type,
+            "n_layers": info.n_layers,
+            "d_model": info.d_model,
+            "vocab_size": info.vocab_size,
+            "has_unembedding": acts.unembedding is not None,
+        },
+        "probe": {
+            "kind": config.probe.kind.value,
+            "layers": config.layers.mode.value,
+            "basis": basis_name,
+            "reg": config.reg.kind.value,
+            "strength": config.reg.strength,
+            "classes": config.probe.classes.value,
+            "n_classes": int(len(split.classes)),
+            "tol": config.probe.tol,
+            "all_converged": all(converged),
+        },
+        "counts": {
+            "n_sequences": int(acts.corpus.input_ids.shape[0]),
+            "seq_len": int(acts.corpus.input_ids.shape[1]),
+            "n_train_tokens": int(len(rows[TRAIN])),
+            "n_val_tokens": int(len(rows[VAL])),
+            "n_test_tokens": int(len(rows[TEST])),
+            "n_train_types": split.n_train_types,
+            "n_frequent_types": split.n_frequent_types,
+            "n_test_unseen": int((split.labels[TEST] < 0).sum()),
+        },
+        "cache": {
+            "key": acts.store.meta["key"],
+            "path": str(acts.store.path),
+            "reused": acts.store.reused,
+        },
+        "timing_s": {
+            stage: round(end - start, 2)
+            for stage, start, end in zip(
+                ("extract", "fit", "statistics"), clock, clock[1:], strict=False
+            )
+        },
+        "layers": fitted.rows,
+        "fits": {
+            name: {**fit.convergence, "history": fit.history} for name, fit in fitted.fits.items()
+        },
+        "statistics": statistics,
+        "ridge_path": ridge_path(fitted.fits, config.probe.path_strengths),
+    }
+
+
+def ridge_path(fits: dict[str, FitResult], strengths: list[float]) -> dict[str, Any] | None:
+    """Validation NLL along the ridge path, averaged over the fitted probes (as the objective)."""
+    paths = [fit.path for fit in fits.values() if fit.path]
+    if not paths:
+        return None
+    mean = [float(np.mean([p[i]["val_nll"] for p in paths])) for i in range(len(strengths))]
+    return {"strengths": list(strengths), "val_nll": mean}
+
+
+def write_job_files(
+    out_dir: Path,
+    metrics: dict[str, Any],
+    fits: dict[str, FitResult],
+    classes: np.ndarray,
+    basis_name: str,
+) -> None:
+    """Probe tensors, the accuracy plot, then metrics.json last (its presence marks a finished
+    job), then the tables in the log."""
+    tensors = {"classes": torch.from_numpy(classes)}
+    for name, fit in fits.items():
+        tensors.update({f"{name}.{k}": v for k, v in fit.probe.state_dict().items()})
+        if fit.map_weight is not None:
+            tensors[f"{name}.map_weight"] = fit.map_weight
+    tracking.write_tensors(out_dir / "probes.safetensors", tensors, {"basis": basis_name})
+    probe, rows = metrics["probe"], metrics["layers"]
+    title = (
+        f"{metrics['model']['name']}: {probe['kind']} probe ({probe['layers']} layer), "
+        f"{basis_name} basis, {probe['reg']} {probe['strength']:g}"
+    )
+    tracking.plot_accuracy_by_layer(rows, out_dir / "accuracy_by_layer.png", title)
+    tracking.write_json(out_dir / jobs.METRICS, metrics)
+    log.info("Held-out scores (%s):\n%s", out_dir, tracking.format_table(rows))
+    statistics = metrics["statistics"]
+    if statistics.get("entries"):
+        log.info("Statistics (nulls):\n%s", pstats.format_entries(statistics["entries"]))
+    if statistics.get("logit_lens") or any("control_top1" in r for r in rows):
+        log.info("Logit lens / controls by layer:\n%s", pstats.format_layers(rows))
