@@ -17,6 +17,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,9 @@ def tracker_config(config: DictConfig) -> TrackerConfig | None:
     node = config.get("tracker")
     if node is None:
         return None
-    merged = OmegaConf.merge(OmegaConf.structured(TrackerConfig), node)
+    # Resolved in place first: its interpolations (group: ${tuning.study}) point elsewhere.
+    plain = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    merged = OmegaConf.merge(OmegaConf.structured(TrackerConfig), plain)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
@@ -213,7 +216,8 @@ class OptunaSweeperImpl:
         """``<model>-<basis>-<probe>-<layers>`` (those the app's config has) plus any other grid
         values."""
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        parts = [str(v) for k in NAMING_KEYS if (v := OmegaConf.select(cfg, k)) is not None]
+        values = [OmegaConf.select(cfg, key) for key in NAMING_KEYS]
+        parts = [v.name if isinstance(v, Enum) else str(v) for v in values if v is not None]
         parts += [o for o in grid_point if o.split("=")[0] not in NAMING_GROUPS]
         prefix = f"{self.study_name}-" if self.study_name else ""
         # The name travels as an override value and a directory name: keep it plain.
