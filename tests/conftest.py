@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,27 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 # Small enough for seconds on 2 CPU cores, large enough that probes learn something.
 TINY = ["model=tiny", "data.token_budget=4000", "data.seq_len=64"]
+
+
+# A limit on a test's child processes is a guard against a hung child, not a speed test. A busy
+# 2-core machine (other test runs, other users) makes a child several times slower than on an idle
+# one, and a tight limit then fails tests that were merely slow (600 s did, for a newcomer). So one
+# generous limit for every child a test starts, and PROBE_SWEEP_TEST_TIMEOUT_SCALE multiplies it
+# on machines slower still (e.g. 3 under emulation; 0.1 to find a hang sooner).
+TIMEOUT_S = 1800.0
+TIMEOUT_SCALE_VAR = "PROBE_SWEEP_TEST_TIMEOUT_SCALE"
+
+
+def subprocess_timeout() -> float:
+    """Seconds a test may wait for a child process: ``TIMEOUT_S`` x the scale env var."""
+    raw = os.environ.get(TIMEOUT_SCALE_VAR, "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = -1.0
+    if not scale > 0:
+        raise ValueError(f"{TIMEOUT_SCALE_VAR}={raw!r}: expected a positive number, e.g. 2")
+    return TIMEOUT_S * scale
 
 
 @pytest.fixture(autouse=True)
@@ -26,16 +48,18 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_cli(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True
+    args: list[str], cwd: Path, env: dict[str, str | None] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m probe_sweep`` as a user would, from ``cwd``."""
+    """Run ``python -m probe_sweep`` as a user would, from ``cwd``; ``env`` adds variables to
+    this process's environment, and a None value removes one."""
+    child_env = {**os.environ, **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "probe_sweep", *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={k: v for k, v in child_env.items() if v is not None},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=subprocess_timeout(),
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -44,12 +68,32 @@ def run_cli(
     return proc
 
 
-def wait_for_line(proc: subprocess.Popen[str], expected: str) -> None:
-    """Read a child's stdout up to the line ``expected``; libraries may log lines before it."""
+def wait_for_line(
+    proc: subprocess.Popen[str], expected: str, contains: bool = False, timeout: float | None = None
+) -> str:
+    """Read a child's stdout up to the line ``expected`` (or one containing it) and return it;
+    libraries may log lines before it. A child that has not printed it within ``timeout``
+    seconds (default: the scaled test limit) is killed and the test fails."""
     assert proc.stdout is not None
+    limit = subprocess_timeout() if timeout is None else timeout
+    expired = threading.Event()
+
+    def give_up() -> None:
+        expired.set()
+        proc.kill()
+
+    timer = threading.Timer(limit, give_up)
+    timer.start()
     seen = []
-    for line in proc.stdout:
-        if line.strip() == expected:
-            return
-        seen.append(line)
-    raise AssertionError(f"the child exited before printing {expected!r}:\n" + "".join(seen))
+    try:
+        for line in proc.stdout:
+            if (expected in line) if contains else (line.strip() == expected):
+                return line
+            seen.append(line)
+    finally:
+        timer.cancel()
+    if expired.is_set():
+        why = f"the child did not print {expected!r} within {limit:g} s and was killed"
+    else:
+        why = f"the child exited before printing {expected!r}"
+    raise AssertionError(why + ":\n" + "".join(seen))

@@ -85,6 +85,7 @@ extract(model, corpus, [0, 1, 2], cfg, torch.device("cpu"))
 """
 
 
+@pytest.mark.e2e
 def test_killed_extraction_leaves_nothing_that_looks_complete(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     proc = subprocess.Popen(

@@ -49,6 +49,7 @@ def age(path: Path, days: float) -> None:
         os.utime(p, (then, then))
 
 
+@pytest.mark.e2e
 def test_list_shows_every_entry_from_the_default_cache_dir(tiny, tmp_path: Path) -> None:
     model, corpus = tiny
     cache = tmp_path / "cache"  # conftest points PROBE_SWEEP_CACHE here
@@ -72,6 +73,7 @@ def test_list_shows_every_entry_from_the_default_cache_dir(tiny, tmp_path: Path)
     assert empty.returncode == 0 and "no activation cache entries" in empty.stdout
 
 
+@pytest.mark.e2e
 def test_a_reuse_records_its_time(tiny, tmp_path: Path) -> None:
     model, corpus = tiny
     cfg = ActivationsConfig(cache_dir=str(tmp_path / "cache"))
@@ -86,6 +88,7 @@ def test_a_reuse_records_its_time(tiny, tmp_path: Path) -> None:
     assert (store.path / "meta.json").read_bytes() == meta_bytes, "meta.json was rewritten"
 
 
+@pytest.mark.e2e
 def test_verify_reports_each_entry_and_fails_on_a_corrupt_one(tiny, tmp_path: Path) -> None:
     model, corpus = tiny
     cfg = ActivationsConfig(cache_dir=str(tmp_path / "cache"))
@@ -106,6 +109,7 @@ def test_verify_reports_each_entry_and_fails_on_a_corrupt_one(tiny, tmp_path: Pa
     assert "Traceback" not in unknown.stderr
 
 
+@pytest.mark.e2e
 def test_remove_refuses_while_the_entry_is_locked(tiny, tmp_path: Path) -> None:
     model, corpus = tiny
     cache = tmp_path / "cache"
@@ -124,6 +128,7 @@ def test_remove_refuses_while_the_entry_is_locked(tiny, tmp_path: Path) -> None:
     assert not [p for p in cache.iterdir() if p.is_dir()], "remove left a directory behind"
 
 
+@pytest.mark.e2e
 def test_prune_removes_what_was_not_used_lately(tiny, tmp_path: Path) -> None:
     model, corpus = tiny
     cache = tmp_path / "cache"

@@ -227,6 +227,7 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
+@pytest.mark.e2e
 def test_cli_refuses_a_cache_disk_without_room_before_extracting(
     tmp_path: Path, small_fs: Callable[[str], Path]
 ) -> None:
@@ -274,6 +275,7 @@ print("no error", flush=True)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fallocate", ["1", "0"], ids=["fallocate", "plain-writes"])
 def test_disk_filling_up_mid_write_is_an_error_not_sigbus(
     tmp_path: Path, small_fs: Callable[[str], Path], fallocate: str

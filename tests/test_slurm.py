@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, subprocess_timeout
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,11 @@ def slurm_cluster() -> Iterator[None]:
     if not have_slurm and (os.geteuid() != 0 or not shutil.which("apt-get")):
         pytest.skip("SLURM cannot be installed here: it is absent and installing needs root + apt")
     up = subprocess.run(
-        ["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900, check=False
+        ["bash", str(SCRIPT), "up"],
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout(),
+        check=False,
     )
     if up.returncode == CANNOT_INSTALL:
         pytest.skip(up.stderr.strip().splitlines()[-1])
@@ -60,7 +64,7 @@ def slurm_cluster() -> Iterator[None]:
         yield
     finally:
         if up.stdout.strip() == "started":
-            subprocess.run(["bash", str(SCRIPT), "down"], timeout=120, check=False)
+            subprocess.run(["bash", str(SCRIPT), "down"], timeout=subprocess_timeout(), check=False)
 
 
 def test_a_sweep_runs_as_a_slurm_array_job_with_one_shared_cache(
@@ -96,9 +100,7 @@ def test_a_sweep_runs_as_a_slurm_array_job_with_one_shared_cache(
     script = (sweep / ".submitit" / array_id / f"{array_id}_submission.sh").read_text()
     assert "#SBATCH --array=0-2" in script and "#SBATCH --partition=debug" in script
     assert "export PROBE_SWEEP_SETUP=ran" in script
-    state = subprocess.run(
-        ["scontrol", "show", "job", array_id], capture_output=True, text=True, check=False
-    ).stdout
+    state = show_job(array_id)
     assert "JobState=COMPLETED" in state, state
 
 
@@ -129,26 +131,31 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
         text=True,
     )
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
+        deadline = time.monotonic() + subprocess_timeout()
+        while time.monotonic() < deadline:
             if list(sweep.glob("*/.fits/layer_0.pt")):
                 break
             assert proc.poll() is None, proc.communicate()[0]
             time.sleep(0.2)
         (job_dir,) = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
-        subprocess.run(["scancel", "--signal=USR2", job_dir], check=True)
+        subprocess.run(
+            ["scancel", "--signal=USR2", job_dir], check=True, timeout=subprocess_timeout()
+        )
         # A requeued job goes back to PENDING with a begin time two minutes out; once it is
         # pending again, move its start to now (an update sent before the requeue is overwritten).
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        deadline = time.monotonic() + subprocess_timeout()
+        while time.monotonic() < deadline:
             state = show_job(job_dir)
             if "Restarts=1" in state and "JobState=PENDING" in state:
-                subprocess.run(["scontrol", "update", f"jobid={job_dir}", "StartTime=now"])
+                subprocess.run(
+                    ["scontrol", "update", f"jobid={job_dir}", "StartTime=now"],
+                    timeout=subprocess_timeout(),
+                )
             elif "Restarts=1" in state and "JobState=RUNNING" in state:
                 break
             time.sleep(0.5)
         assert "Restarts=1" in show_job(job_dir), show_job(job_dir)
-        out, _ = proc.communicate(timeout=400)
+        out, _ = proc.communicate(timeout=subprocess_timeout())
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -165,5 +172,9 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
 
 def show_job(job_id: str) -> str:
     return subprocess.run(
-        ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False
+        ["scontrol", "show", "job", job_id],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=subprocess_timeout(),
     ).stdout

@@ -236,6 +236,7 @@ def test_jobs_in_one_process_are_separate_finished_runs(tmp_path: Path) -> None:
     assert first.run.run_group == second.run.run_group
 
 
+@pytest.mark.e2e
 def test_disabled_tracker_never_imports_wandb(tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
     fake_job(job_dir, [0.9, 0.8])
