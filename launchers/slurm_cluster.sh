@@ -6,6 +6,8 @@
 #   bash launchers/slurm_cluster.sh status  # exit 0 when the node accepts jobs
 #
 # For tests and trying the SLURM preset without a cluster; a real cluster needs none of this.
+# tests/test_slurm.py runs it only when asked (PROBE_SWEEP_SLURM_TEST=1, or CI=true): as root it
+# installs packages, writes /etc/slurm and /etc/munge and starts daemons.
 # `up` prints "started" when it started daemons and "already up" when it found them running, so a
 # caller tears down only what it brought up. Exit status 3 means SLURM cannot be installed here
 # (not root, no apt-get, or the packages are unreachable): callers skip, they do not fail.

@@ -1,4 +1,4 @@
-"""The test suite's own rules: child-process time limits and the e2e marker."""
+"""The test suite's own rules: child-process time limits, the SLURM opt-in, the e2e marker."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from tests import conftest
 from tests.conftest import TIMEOUT_S, TIMEOUT_SCALE_VAR, subprocess_timeout, wait_for_line
+from tests.test_slurm import OPT_IN, slurm_opt_out_reason
 
 TESTS = Path(__file__).resolve().parent
 # What makes a test end-to-end: it starts a child process or kills one.
@@ -72,6 +73,26 @@ def test_wait_for_line_gives_up_on_a_child_that_never_prints_it() -> None:
         proc.kill()
         proc.wait()
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("env", "runs"),
+    [
+        ({}, False),
+        ({OPT_IN: "1"}, True),
+        ({OPT_IN: "true"}, True),
+        ({"CI": "true"}, True),
+        ({"CI": "1"}, True),
+        ({"CI": "false"}, False),
+        ({"CI": "true", OPT_IN: "0"}, False),
+        ({OPT_IN: ""}, False),
+    ],
+)
+def test_the_real_slurm_cluster_runs_only_when_asked(env: dict[str, str], runs: bool) -> None:
+    reason = slurm_opt_out_reason(env)
+    assert (reason is None) == runs
+    if reason is not None:
+        assert f"{OPT_IN}=1" in reason and "/etc/slurm" in reason
 
 
 def _names(node: ast.AST) -> set[str]:
