@@ -31,12 +31,23 @@ jobs.prepare_launchers()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; return the tuning objective (what an Optuna sweep optimises)."""
+    from probe_sweep import threads
+
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     # In a multirun a failed job writes failed.json and returns, so the other jobs still run.
     multirun = hydra_cfg.mode is RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
     try:
+        # torch's and BLAS's threads: this job's share of the cores, not the whole machine.
+        launcher = hydra_cfg.launcher
+        sharing = threads.concurrent_jobs(
+            launcher.get("_target_"),
+            launcher.get("n_jobs"),
+            Path(hydra_cfg.sweep.dir) / ".submitit",
+            threads.available_cores(),
+        )
+        threads.configure_threads(sharing if multirun else None)
         config = to_typed(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         key = jobs.job_key(resolved, tracking.SCHEMA_VERSION)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,8 @@ def test_tiny_job_writes_complete_results_and_reuses_its_cache(tmp_path: Path) -
     assert "Cached activations for 3 layers" in first.stdout
     assert "Reusing cached activations" in second.stdout
     assert "Held-out scores" in first.stdout and "top1_frequent" in first.stdout
+    threads = re.findall(r"Threads: (\d+) for torch and BLAS \((.+)\)", first.stdout)
+    assert len(threads) == 1 and int(threads[0][0]) >= 1, first.stdout
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     for name in ("metrics.json", "probes.safetensors", "accuracy_by_layer.png", "probe_sweep.log"):
         assert (run1 / name).is_file(), name
