@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from hydra_plugins.probe_sweep_optuna._impl import distribution
+from probe_sweep import tracking
 from probe_sweep.errors import UserError
 from probe_sweep.tuning import (
     PRUNER_ATTR,
@@ -66,6 +68,12 @@ def test_objective_averages_layers_or_takes_one() -> None:
         check_objective(TuningConfig(objective="accuracy"))
 
 
+def pruned_trials_are_tracked() -> bool:
+    """Whether a pruned job logs its W&B run (the entry point passes the rows it scored to
+    ``tracking.track_job(metrics=...)``); until then its tests are expected failures."""
+    return "metrics" in inspect.signature(tracking.track_job).parameters
+
+
 def read_trials(study_dir: Path) -> list[dict[str, str]]:
     with open(study_dir / "trials.csv") as f:
         return list(csv.DictReader(f))
@@ -98,7 +106,7 @@ def test_ridge_study_finds_the_path_optimum_and_resumes(tmp_path: Path) -> None:
     assert {r.run.run_group for r in runs} == {best["study"]}
     (study_run,) = [r for r in runs if r.run.job_type == "study"]
     assert study_run.summary["best_value"] == pytest.approx(best["best_value"])
-    assert len(runs) == 1 + 6 - best["n_pruned"]
+    assert len(runs) == 1 + 6 - (0 if pruned_trials_are_tracked() else best["n_pruned"])
 
     run_cli([*args, "hydra.sweeper.n_trials=8"], cwd=tmp_path)
     rows = read_trials(studies[0])
@@ -131,6 +139,16 @@ def test_unpromising_trials_are_pruned(tmp_path: Path) -> None:
     states = [r["state"] for r in rows]
     assert "PRUNED" in states and "COMPLETE" in states, rows
     assert not list((tmp_path / "sweep").rglob(".fits")), "a pruned trial kept its saved probes"
+    for job_dir in (tmp_path / "sweep").glob("*/trial_*"):
+        state = rows[int(job_dir.name.removeprefix("trial_"))]["state"]
+        assert (job_dir / "pruned.json").is_file() == (state == "PRUNED"), job_dir
+    # Every trial is a W&B run, a pruned one too (tagged pruned).
+    if not pruned_trials_are_tracked():
+        pytest.xfail("needs __main__ to log a pruned trial with tracking.track_job(metrics=...)")
+    runs = [read_run(p) for p in run_files(tmp_path / "wandb")]
+    trial_runs = [r for r in runs if r.run.job_type != "study"]
+    assert len(trial_runs) == len(rows)
+    assert sum("pruned" in r.run.tags for r in trial_runs) == states.count("PRUNED")
 
 
 @pytest.mark.e2e
