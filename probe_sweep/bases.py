@@ -56,6 +56,9 @@ class BasisKind(Enum):
 
 
 ORTHONORMAL = {BasisKind.natural, BasisKind.pca, BasisKind.frequency, BasisKind.random}
+# Bases whose axes are privileged (any rotation of them is a different basis): statistics on
+# a subset of their columns are compared with random subsets of columns, not random subspaces.
+AXIS_ALIGNED = {BasisKind.natural, BasisKind.nmf, BasisKind.dictionary}
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Basis:
     importance: torch.Tensor | None = None
     orthonormal: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    # "coordinate" (random column subsets) or "haar" (random subspaces): the same-kind null
+    null_kind: str = "haar"
 
     def __post_init__(self) -> None:
         if self.encoder is None:
@@ -286,4 +291,5 @@ def build_basis(
         importance=torch.from_numpy(np.ascontiguousarray(importance)).float(),
         orthonormal=orthonormal,
         info=info,
+        null_kind="coordinate" if kind in AXIS_ALIGNED else "haar",
     )

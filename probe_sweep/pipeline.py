@@ -8,6 +8,7 @@ them and is the only place that knows them all (the Hydra entry only translates 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -38,7 +39,11 @@ from probe_sweep.probes import (
     fit_softmax_probe,
     frequent_types,
     score_probe,
+    summarise,
+    token_scores,
 )
+from probe_sweep.statistics.bootstrap import SequenceBootstrap
+from probe_sweep.statistics.nulls import interval
 
 log = logging.getLogger("probe_sweep")
 LayerHook = Callable[[int, dict[str, Any]], None]
@@ -69,8 +74,11 @@ class Activations:
     final_norm: torch.nn.Module | None
 
 
-def cache_activations(config: Config, device: torch.device) -> Activations:
-    """Check every input, then load the model and cache its hidden states (or reuse them)."""
+def cache_activations(
+    config: Config, device: torch.device, init_seed: int | None = None
+) -> Activations:
+    """Check every input, then load the model and cache its hidden states (or reuse them).
+    ``init_seed``: the seed of random weights (default: the job's seed)."""
     tokenizer = load_tokenizer(config.model)
     info = inspect_model(config.model, len(tokenizer))
     check_basis_config(config.basis, info.d_model)
@@ -80,7 +88,8 @@ def cache_activations(config: Config, device: torch.device) -> Activations:
         "Model %s (%d layers, d=%d) on %s; corpus %s",
         *(info.name, info.n_layers, info.d_model, device, corpus.description),
     )
-    model = load_model(config.model, len(tokenizer), device, config.seed)
+    seed = config.seed if init_seed is None else init_seed
+    model = load_model(config.model, len(tokenizer), device, seed)
     store = extract(model, corpus, layers, config.activations, device)
     embedding = model.embedding.float().cpu()
     return Activations(info, corpus, store, layers, embedding, model.unembedding, model.final_norm)
@@ -96,6 +105,7 @@ class Split:
     classes: np.ndarray  # token id of every class
     labels: dict[int, torch.Tensor]
     frequent: dict[int, torch.Tensor]
+    sequences: dict[int, np.ndarray]  # sequence id of every row: intervals resample these
     n_train_types: int
     n_frequent_types: int
 
@@ -121,6 +131,7 @@ def split_labels(
         classes=classes,
         labels={p: on_device(lookup[targets[r]]) for p, r in rows.items()},
         frequent={p: on_device(np.isin(targets[r], frequent_set)) for p, r in rows.items()},
+        sequences={p: r // corpus.targets.shape[1] for p, r in rows.items()},
         n_train_types=len(seen),
         n_frequent_types=len(frequent_set),
     )
@@ -150,6 +161,19 @@ class Inputs:
         return self.basis.coordinates(out.to(self.device))
 
 
+def prepare_inputs(
+    config: Config, device: torch.device, init_seed: int | None = None
+) -> tuple[Activations, Scorer]:
+    """The model's cached hidden states, split and labelled, in the configured basis, with the
+    scorer every probe of this model is scored by."""
+    acts = cache_activations(config, device, init_seed)
+    split = split_labels(acts.corpus, config.probe.classes, acts.info.vocab_size, device)
+    counts = np.bincount(split.targets[split.rows[TRAIN]], minlength=acts.info.vocab_size)
+    basis = build_basis(config.basis, acts.embedding, counts, config.seed)
+    bootstrap = SequenceBootstrap(split.sequences[TEST], config.statistics.n_bootstrap, config.seed)
+    return acts, Scorer(Inputs(acts.store, basis, split, device), bootstrap)
+
+
 # --- probes ------------------------------------------------------------------------------------
 
 
@@ -167,8 +191,8 @@ class ProbeTask:
 
 def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
     """The configured probe at the configured strength. A softmax probe over token classes is
-    warm-started from the closed-form ridge probe (one eigendecomposition, far cheaper than
-    one pass of the solver); over other labels, from zero."""
+    offered the closed-form ridge probe as a warm start (one eigendecomposition, cheaper than
+    one pass of the solver), used where it beats the zero probe."""
     embeddings = task.class_embeddings
     if config.probe.kind is ProbeKind.ridge:
         assert embeddings is not None
@@ -184,73 +208,6 @@ def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
     )
 
 
-def score(
-    fit: FitResult,
-    layer: int,
-    name: str,
-    inputs: Inputs,
-    labels: dict[int, torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """Test-split scores (reported) plus validation NLL/top-1 (what tuning may use), and how
-    close the fit came to its optimum."""
-    split = inputs.split
-    labels = split.labels if labels is None else labels
-    val = score_probe(fit.probe, inputs(VAL, layer), labels[VAL], split.frequent[VAL])
-    test = score_probe(fit.probe, inputs(TEST, layer), labels[TEST], split.frequent[TEST])
-    row = {"layer": layer, "probe": name, **test, "val_nll": val["nll"], "val_top1": val["top1"]}
-    conv = fit.convergence
-    row.update({k: conv[k] for k in ("iterations", "grad_norm_rel", "converged") if k in conv})
-    return row
-
-
-@dataclass
-class Fitted:
-    fits: dict[str, FitResult]
-    rows: list[dict[str, Any]]
-
-
-def fit_identity_probes(
-    config: Config,
-    inputs: Inputs,
-    layers: list[int],
-    class_embeddings: torch.Tensor,
-    checkpoint: jobs.FitCheckpoint,
-    on_layer: LayerHook | None,
-) -> Fitted:
-    """One probe per layer (or one pooled probe scored at every layer) for the input token."""
-    split = inputs.split
-    labels, n_classes = split.labels, len(split.classes)
-
-    def task(train_layers: np.ndarray | int, val_layers: np.ndarray | int) -> ProbeTask:
-        x_train, x_val = inputs(TRAIN, train_layers), inputs(VAL, val_layers)
-        return ProbeTask(x_train, labels[TRAIN], x_val, labels[VAL], n_classes, class_embeddings)
-
-    if config.layers.mode is LayerMode.pooled:
-        train = pooled_assignment(len(split.rows[TRAIN]), layers, config.seed)
-        val = pooled_assignment(len(split.rows[VAL]), layers, config.seed + 1)
-        pooled = checkpoint.get_or_fit(
-            "pooled", lambda: fit_probe(config, task(train, val), "pooled probe")
-        )
-        log_fit("pooled", pooled)
-        fits = {"pooled": pooled}
-        names = {layer: "pooled" for layer in layers}
-    else:
-        fits, names = {}, {layer: f"layer_{layer}" for layer in layers}
-    rows = []
-    for layer in layers:
-        name = names[layer]
-        if name not in fits:
-            fits[name] = checkpoint.get_or_fit(
-                name,
-                lambda layer=layer: fit_probe(config, task(layer, layer), f"layer {layer} probe"),
-            )
-            log_fit(name, fits[name])
-        rows.append(score(fits[name], layer, name, inputs))
-        if on_layer is not None:
-            on_layer(len(rows) - 1, rows[-1])
-    return Fitted(fits, rows)
-
-
 def log_fit(name: str, fit: FitResult) -> None:
     """One line per fitted probe: logs and SLURM files get this instead of progress bars."""
     c = fit.convergence
@@ -264,27 +221,118 @@ def log_fit(name: str, fit: FitResult) -> None:
     )
 
 
-# --- controls, lenses and statistics -----------------------------------------------------------
+@dataclass
+class Scorer:
+    """Held-out scores of probes on one model's inputs, with intervals from a bootstrap over
+    held-out sequences (the same resamples for every probe, so differences are paired)."""
+
+    inputs: Inputs
+    bootstrap: SequenceBootstrap
+
+    def __call__(
+        self,
+        fit: FitResult,
+        layer: int,
+        name: str,
+        labels: dict[int, torch.Tensor] | None = None,
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        """The test-split row (reported; validation NLL/top-1 are what tuning may use) and
+        which test tokens the probe got right."""
+        split, inputs = self.inputs.split, self.inputs
+        labels = split.labels if labels is None else labels
+        frequent = split.frequent[TEST].cpu().numpy()
+        tokens = token_scores(fit.probe, inputs(TEST, layer), labels[TEST])
+        val = score_probe(fit.probe, inputs(VAL, layer), labels[VAL], split.frequent[VAL])
+        row = {"layer": layer, "probe": name, **summarise(tokens, frequent, self.bootstrap)}
+        row.update(val_nll=val["nll"], val_top1=val["top1"])
+        conv = fit.convergence
+        row.update({k: conv[k] for k in ("iterations", "grad_norm_rel", "converged") if k in conv})
+        return row, tokens["correct1"]
 
 
-def control_probe_scores(
+@dataclass
+class Fitted:
+    """Probes fitted on one model: by name, the layers each was trained on, the test rows."""
+
+    fits: dict[str, FitResult]
+    train_layers: dict[str, np.ndarray | int]
+    rows: list[dict[str, Any]]
+    correct: dict[int, np.ndarray]  # layer -> which test tokens the probe scored there got right
+
+
+def fit_identity_probes(
     config: Config,
-    inputs: Inputs,
+    scorer: Scorer,
     layers: list[int],
-    vocab_size: int,
+    class_embeddings: torch.Tensor,
     checkpoint: jobs.FitCheckpoint,
-) -> dict[int, dict[str, Any]]:
-    """Held-out scores of the Hewitt & Liang control probe at each layer: the same probe on a
-    fixed random label per token type (a task only memorising types can solve)."""
-    split, n_labels = inputs.split, config.statistics.control_labels
+    on_layer: LayerHook | None = None,
+    prefix: str = "",
+) -> Fitted:
+    """One probe per layer (or one pooled probe scored at every layer) for the input token."""
+    inputs, split = scorer.inputs, scorer.inputs.split
+    labels, n_classes = split.labels, len(split.classes)
+    if config.layers.mode is LayerMode.pooled:
+        pooled = pooled_assignment(len(split.rows[TRAIN]), layers, config.seed)
+        val = pooled_assignment(len(split.rows[VAL]), layers, config.seed + 1)
+        train_layers: dict[str, np.ndarray | int] = {"pooled": pooled}
+        val_layers: dict[str, np.ndarray | int] = {"pooled": val}
+        names = {layer: "pooled" for layer in layers}
+    else:
+        names = {layer: f"layer_{layer}" for layer in layers}
+        train_layers = val_layers = {name: layer for layer, name in names.items()}
+    fits: dict[str, FitResult] = {}
+    for name in dict.fromkeys(names.values()):
+        task = ProbeTask(
+            inputs(TRAIN, train_layers[name]), labels[TRAIN], inputs(VAL, val_layers[name]),
+            labels[VAL], n_classes, class_embeddings,
+        )  # fmt: skip
+        fits[name] = checkpoint.get_or_fit(
+            prefix + name, lambda task=task, name=name: fit_probe(config, task, prefix + name)
+        )
+        log_fit(prefix + name, fits[name])
+    fitted = Fitted(fits, train_layers, [], {})
+    for layer in layers:
+        row, fitted.correct[layer] = scorer(fits[names[layer]], layer, names[layer])
+        fitted.rows.append(row)
+        if on_layer is not None:
+            on_layer(len(fitted.rows) - 1, row)
+    return fitted
+
+
+def input_covariances(inputs: Inputs, fitted: Fitted) -> dict[str, torch.Tensor]:
+    """Covariance (k, k) of each probe's training inputs, in chunks of rows."""
+    out = {}
+    for name, layers in fitted.train_layers.items():
+        x = inputs(TRAIN, layers).double()
+        mean = x.mean(0)
+        cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for start in range(0, len(x), 65536):
+            centred = x[start : start + 65536] - mean
+            cov += centred.T @ centred
+        out[name] = (cov / max(len(x) - 1, 1)).cpu()
+    return out
+
+
+# --- baselines, controls and lenses ------------------------------------------------------------
+
+
+def control_probes(
+    config: Config, scorer: Scorer, fitted: Fitted, vocab_size: int, checkpoint: jobs.FitCheckpoint
+) -> dict[str, FitResult]:
+    """The Hewitt & Liang control probe at each per-layer probe's layer: the same probe on a
+    fixed random label per token type (a task only memorising types can solve). Adds
+    ``control_top1`` and ``selectivity`` (identity minus control top-1, paired interval) to the
+    rows; returns the control fits by the identity probe's name."""
+    inputs, split, n_labels = scorer.inputs, scorer.inputs.split, config.statistics.control_labels
     mapping = pstats.control_task_labels(vocab_size, n_labels, config.seed)
     labels = {
         p: torch.from_numpy(mapping[split.targets[r]]).to(inputs.device)
         for p, r in split.rows.items()
     }
-    scores = {}
-    for layer in layers:
-        name = f"control_layer_{layer}"
+    fits = {}
+    for row in fitted.rows:
+        layer, name = row["layer"], f"control_layer_{row['layer']}"
         fit = checkpoint.get_or_fit(
             name,
             lambda layer=layer: fit_softmax_probe(
@@ -293,8 +341,41 @@ def control_probe_scores(
             ),
         )  # fmt: skip
         log_fit(name, fit)
-        scores[layer] = score(fit, layer, name, inputs, labels)
-    return scores
+        control, correct = scorer(fit, layer, name, labels)
+        draws = scorer.bootstrap.draws(fitted.correct[layer]) - scorer.bootstrap.draws(correct)
+        row.update(control_top1=control["top1"], control_top1_ci=control["top1_ci"])
+        row.update(selectivity=row["top1"] - control["top1"], selectivity_ci=interval(draws))
+        if row["probe"] != "pooled":
+            fits[row["probe"]] = fit
+    return fits
+
+
+def random_init_probes(
+    config: Config, device: torch.device, fitted: Fitted, checkpoint: jobs.FitCheckpoint
+) -> pstats.ProbeSet:
+    """The same probes on the same tokens of the same architecture with random weights (init
+    seed = seed + 1, so it differs from a model that is itself random): the baseline that
+    could have failed. Adds ``random_init_top1`` (with its interval) and
+    ``top1_minus_random_init`` (paired interval) to the rows."""
+    baseline = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, random_init=True)
+    )
+    acts, scorer = prepare_inputs(baseline, device, config.seed + 1)
+    inputs, split = scorer.inputs, scorer.inputs.split
+    class_embeddings = acts.embedding[torch.from_numpy(split.classes)]
+    theirs = fit_identity_probes(
+        config, scorer, acts.layers, class_embeddings.to(device), checkpoint, prefix="random_init_"
+    )
+    for row, other in zip(fitted.rows, theirs.rows, strict=True):
+        layer = row["layer"]
+        draws = scorer.bootstrap.draws(fitted.correct[layer])
+        draws -= scorer.bootstrap.draws(theirs.correct[layer])
+        row.update(random_init_top1=other["top1"], random_init_top1_ci=other["top1_ci"])
+        row.update(top1_minus_random_init=row["top1"] - other["top1"])
+        row["top1_minus_random_init_ci"] = interval(draws)
+    return pstats.ProbeSet(
+        theirs.fits, inputs.basis.encoder, class_embeddings, input_covariances(inputs, theirs)
+    )
 
 
 def lens_inputs(acts: Activations, split: Split, n_rows: int) -> pstats.LensInputs | None:
@@ -314,16 +395,20 @@ def lens_inputs(acts: Activations, split: Split, n_rows: int) -> pstats.LensInpu
 
 
 def lens_probe_scores(
-    config: Config, acts: Activations, inputs: Inputs, checkpoint: jobs.FitCheckpoint
-) -> dict[int, dict[str, Any]]:
+    config: Config,
+    acts: Activations,
+    scorer: Scorer,
+    fitted: Fitted,
+    checkpoint: jobs.FitCheckpoint,
+) -> None:
     """The identity probe fed the model's own guess instead of the hidden state: the logit-lens
     log-probabilities of the classes (is identity in what the model predicts?)."""
     assert acts.unembedding is not None
-    split, device = inputs.split, inputs.device
+    split, device = scorer.inputs.split, scorer.inputs.device
     columns = torch.from_numpy(split.classes).to(device)
     final = acts.info.n_layers if acts.info.n_layers in acts.layers else None
-    scores = {}
-    for layer in acts.layers:
+    for row in fitted.rows:
+        layer = row["layer"]
 
         def guess(part: int, layer: int = layer) -> torch.Tensor:
             chunks = []
@@ -344,38 +429,49 @@ def lens_probe_scores(
             ),
         )  # fmt: skip
         log_fit(name, fit)
-        test = score_probe(fit.probe, guess(TEST), split.labels[TEST], split.frequent[TEST])
-        scores[layer] = test
-    return scores
+        tokens = token_scores(fit.probe, guess(TEST), split.labels[TEST])
+        draws = scorer.bootstrap.draws(fitted.correct[layer])
+        draws -= scorer.bootstrap.draws(tokens["correct1"])
+        row["lens_probe_top1"] = float(tokens["correct1"].mean())
+        row["hidden_minus_lens_probe_top1"] = row["top1"] - row["lens_probe_top1"]
+        row["hidden_minus_lens_probe_top1_ci"] = interval(draws)
 
 
 def measure(
     config: Config,
     acts: Activations,
-    inputs: Inputs,
+    scorer: Scorer,
     fitted: Fitted,
+    device: torch.device,
     checkpoint: jobs.FitCheckpoint,
 ) -> dict[str, Any]:
-    """Statistics of the fitted probes against W_E, with their nulls and controls."""
+    """Statistics of the fitted probes against W_E, each read against its baselines."""
     stats_cfg = config.statistics
     if not stats_cfg.enabled:
         return {}
-    layers = [row["layer"] for row in fitted.rows]
-    vocab = acts.info.vocab_size
-    has_lens = acts.unembedding is not None
+    inputs, split = scorer.inputs, scorer.inputs.split
+    controls = {}
+    if stats_cfg.control_task:
+        controls = control_probes(config, scorer, fitted, acts.info.vocab_size, checkpoint)
+    if stats_cfg.lens_probe and acts.unembedding is not None:
+        lens_probe_scores(config, acts, scorer, fitted, checkpoint)
+    random_init = None
+    if stats_cfg.random_init_baseline:
+        random_init = random_init_probes(config, device, fitted, checkpoint)
+    probes = pstats.ProbeSet(
+        fitted.fits,
+        inputs.basis.encoder,
+        acts.embedding[torch.from_numpy(split.classes)],
+        input_covariances(inputs, fitted),
+    )
     job = pstats.JobProbes(
-        fits=fitted.fits,
+        probes=probes,
         rows=fitted.rows,
-        encoder=inputs.basis.encoder,
         embedding=acts.embedding,
-        class_embeddings=acts.embedding[torch.from_numpy(inputs.split.classes)],
-        control=control_probe_scores(config, inputs, layers, vocab, checkpoint)
-        if stats_cfg.control_task
-        else None,
-        lens_probe=lens_probe_scores(config, acts, inputs, checkpoint)
-        if stats_cfg.lens_probe and has_lens
-        else None,
-        lens=lens_inputs(acts, inputs.split, stats_cfg.lens_rows) if stats_cfg.logit_lens else None,
+        null_kind=inputs.basis.null_kind,
+        random_init=random_init,
+        control_fits=controls,
+        lens=lens_inputs(acts, split, stats_cfg.lens_rows) if stats_cfg.logit_lens else None,
     )
     statistics = pstats.job_statistics(job, stats_cfg, config.seed)
     statistics["basis"] = {"name": inputs.basis.name, **inputs.basis.info}
@@ -399,20 +495,17 @@ def run_job(
     stop the job there)."""
     clock = [time.perf_counter()]
     device = pick_device(config.device)
-    acts = cache_activations(config, device)
-    split = split_labels(acts.corpus, config.probe.classes, acts.info.vocab_size, device)
-    train_counts = np.bincount(split.targets[split.rows[TRAIN]], minlength=acts.info.vocab_size)
-    basis = build_basis(config.basis, acts.embedding, train_counts, config.seed)
-    inputs = Inputs(acts.store, basis, split, device)
+    acts, scorer = prepare_inputs(config, device)
+    split, basis = scorer.inputs.split, scorer.inputs.basis
     clock.append(time.perf_counter())
 
     checkpoint = jobs.FitCheckpoint(out_dir, job["key"], device)
     class_embeddings = acts.embedding[torch.from_numpy(split.classes)].to(device)
     fitted = fit_identity_probes(
-        config, inputs, acts.layers, class_embeddings, checkpoint, on_layer
+        config, scorer, acts.layers, class_embeddings, checkpoint, on_layer
     )
     clock.append(time.perf_counter())
-    statistics = measure(config, acts, inputs, fitted, checkpoint)
+    statistics = measure(config, acts, scorer, fitted, device, checkpoint)
     clock.append(time.perf_counter())
 
     metrics = job_metrics(config, acts, split, fitted, statistics, basis.name, clock)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 import torch
@@ -249,36 +250,57 @@ def fit_ridge_probe(
 
 
 @torch.no_grad()
+def token_scores(
+    probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, batch: int = 4096
+) -> dict[str, np.ndarray]:
+    """Per held-out token: top-1 and top-5 correct, and the NLL (NaN where the token's type is
+    not a class, ``y == -1``: it counts as an error in top-1/top-5 and has no NLL)."""
+    correct1, correct5, nll = [], [], []
+    for start in range(0, len(x), batch):
+        logits = probe(x[start : start + batch]).float()
+        target = y[start : start + batch]
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1.append(top[:, 0] == target)
+        correct5.append((top == target[:, None]).any(1))
+        loss = torch.full(target.shape, float("nan"), device=logits.device)
+        known = target >= 0
+        if known.any():
+            loss[known] = F.cross_entropy(logits[known], target[known], reduction="none")
+        nll.append(loss)
+    return {
+        name: torch.cat(parts).cpu().numpy()
+        for name, parts in (("correct1", correct1), ("correct5", correct5), ("nll", nll))
+    }
+
+
 def score_probe(
-    probe: LinearProbe,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    frequent: torch.Tensor,
-    batch: int = 4096,
-) -> dict[str, float | int]:
+    probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, frequent: torch.Tensor
+) -> dict[str, float | int | None]:
     """Held-out top-1, top-5 and NLL. Tokens whose type is not a class (``y == -1``) count as
     errors in top-1/top-5 and are left out of the NLL (it would be infinite); ``n_unseen``
     says how many there were. ``frequent`` splits top-1 by token frequency."""
-    correct1 = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    correct5 = torch.zeros_like(correct1)
-    nll_sum = 0.0
-    for start in range(0, len(x), batch):
-        logits = probe(x[start : start + batch])
-        target = y[start : start + batch]
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1[start : start + batch] = top[:, 0] == target
-        correct5[start : start + batch] = (top == target[:, None]).any(1)
-        known = target >= 0
-        if known.any():
-            nll_sum += F.cross_entropy(logits[known], target[known], reduction="sum").item()
-    n_known = int((y >= 0).sum())
-    rare = ~frequent
-    return {
-        "top1": correct1.float().mean().item(),
-        "top5": correct5.float().mean().item(),
-        "nll": nll_sum / max(n_known, 1),
-        "top1_frequent": correct1[frequent].float().mean().item() if frequent.any() else None,
-        "top1_rare": correct1[rare].float().mean().item() if rare.any() else None,
-        "n_test": len(x),
-        "n_unseen": len(x) - n_known,
+    return summarise(token_scores(probe, x, y), frequent.cpu().numpy())
+
+
+def summarise(
+    tokens: dict[str, np.ndarray], frequent: np.ndarray, bootstrap=None
+) -> dict[str, float | int | None]:
+    """Means of per-token scores, and with a ``SequenceBootstrap``, their 95% intervals
+    (``<name>_ci``) from resampled held-out sequences."""
+    known = ~np.isnan(tokens["nll"])
+    columns = {
+        "top1": (tokens["correct1"], None),
+        "top5": (tokens["correct5"], None),
+        "nll": (np.where(known, tokens["nll"], 0.0), known),
+        "top1_frequent": (tokens["correct1"], frequent),
+        "top1_rare": (tokens["correct1"], ~frequent),
     }
+    out: dict[str, Any] = {}
+    for name, (values, mask) in columns.items():
+        chosen = values if mask is None else values[mask]
+        out[name] = float(np.mean(chosen)) if len(chosen) else None
+        if bootstrap is not None and len(chosen):
+            out[f"{name}_ci"] = bootstrap.interval(values, mask)
+    out["n_test"] = len(known)
+    out["n_unseen"] = int((~known).sum())
+    return out

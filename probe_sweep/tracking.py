@@ -528,7 +528,8 @@ def _log_contents(
     train_rows = []
     for probe, history in curves.items():
         for point in history:
-            run.log({"evaluation": point["evaluation"], f"fit/{probe}/objective": point["objective"]})
+            step, value = point["evaluation"], point["objective"]
+            run.log({"evaluation": step, f"fit/{probe}/objective": value})
             train_rows.append([probe, point["evaluation"], point["objective"]])
     if any(curves.values()):
         chart = wandb.plot.line_series(
