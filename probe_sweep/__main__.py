@@ -31,6 +31,11 @@ jobs.prepare_launchers()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; return the tuning objective (what an Optuna sweep optimises)."""
+    import os
+    import signal
+    import time
+    from typing import NoReturn
+
     from probe_sweep import threads
 
     hydra_cfg = HydraConfig.get()
@@ -38,6 +43,29 @@ def main(cfg: DictConfig) -> float | None:
     # In a multirun a failed job writes failed.json and returns, so the other jobs still run.
     multirun = hydra_cfg.mode is RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
+
+    def stop_interrupted() -> NoReturn:
+        """Ctrl-C: one line on what is kept and how to resume, then die of SIGINT as Python
+        does for an uncaught KeyboardInterrupt (status 130 in a shell, and a shell loop around
+        the command stops too), without the traceback."""
+        fitted = len(list((out_dir / jobs.FITS).glob(f"*{jobs.FIT_SUFFIX}")))
+        again = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if multirun else f"hydra.run.dir={out_dir}"
+        log.warning(
+            "Interrupted. Kept: the activation cache's complete entries and %s (%s). "
+            "To resume, run the same command with %s",
+            f"the {fitted} probe(s) fitted so far" if fitted else "no fitted probes yet",
+            out_dir / jobs.FITS,
+            again,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.name == "posix":
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # another thread may take the signal a moment later
+        os._exit(130)
+
     try:
         # torch's and BLAS's threads: this job's share of the cores, not the whole machine.
         launcher = hydra_cfg.launcher
@@ -67,12 +95,22 @@ def main(cfg: DictConfig) -> float | None:
         job = tracking.JobInfo.from_hydra(HydraConfig.get())
         tracking.track_job(config.tracker, job, resolved)  # type: ignore[arg-type]
         return tuning.objective(metrics["layers"], config.tuning)
+    except KeyboardInterrupt:
+        stop_interrupted()
     except UserError as exc:
         log.error("error: %s", exc)
         jobs.write_failed(out_dir, exc, overrides)
         if not multirun:
             sys.exit(2)
     except Exception as exc:
+        # Ctrl-C inside a lazy import comes out wrapped (transformers raises ModuleNotFoundError).
+        cause: BaseException | None = exc
+        for _ in range(20):
+            if cause is None or isinstance(cause, KeyboardInterrupt):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            stop_interrupted()
         if tuning.is_pruned(exc):
             log.info("Trial pruned by the study: %s", exc)
             jobs.discard_fits(out_dir)  # a pruned trial is never run again

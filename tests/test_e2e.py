@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.conftest import TINY, run_cli, subprocess_timeout
+from probe_sweep import jobs
+from tests.conftest import TINY, run_cli, subprocess_timeout, wait_for_line
 
 pytestmark = pytest.mark.e2e
 
@@ -190,3 +192,40 @@ def test_a_cached_hub_model_loads_without_network(tmp_path: Path) -> None:
     assert "layers 6 384" in proc.stdout
     assert "Retrying" not in proc.stderr
     assert time.monotonic() - started < 60
+
+
+def test_ctrl_c_prints_one_line_on_what_is_kept_and_exits_130(tmp_path: Path) -> None:
+    """SIGINT mid-job: no traceback, one line naming what survives and how to resume."""
+    args = ["model=tiny", "data.token_budget=12000", "data.seq_len=64", "tracker.mode=disabled"]
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "probe_sweep", *args, "hydra.run.dir=out"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=err,  # a file: the progress bars cannot fill a pipe nobody reads yet
+            text=True,
+        )
+        fits = tmp_path / "out" / jobs.FITS
+        try:
+            wait_for_line(proc, "Threads:", contains=True)  # main() has started the job
+            # Interrupt once a probe is saved: the statistics' probes are still to come.
+            deadline = time.monotonic() + subprocess_timeout()
+            while not (fits / f"layer_0{jobs.FIT_SUFFIX}").exists() and time.monotonic() < deadline:
+                assert proc.poll() is None, stderr.read_text()[-3000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=subprocess_timeout())
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    errors = stderr.read_text()
+    # Dies of SIGINT after the line, as Python does on an uncaught Ctrl-C: a shell shows 130.
+    assert proc.returncode == -signal.SIGINT, out + errors
+    lines = [line for line in (out + errors).splitlines() if "Interrupted" in line]
+    assert len(lines) == 1, out + errors
+    assert "activation cache" in lines[0] and "probe(s) fitted so far" in lines[0]
+    assert f"({fits})" in lines[0] and (fits / f"layer_0{jobs.FIT_SUFFIX}").exists()
+    assert f"run the same command with hydra.run.dir={fits.parent}" in lines[0]
+    assert "Traceback" not in out + errors
+    assert not (fits.parent / "metrics.json").exists()
