@@ -17,7 +17,7 @@ import pytest
 from safetensors import safe_open
 
 from probe_sweep import jobs
-from tests.conftest import TINY, run_cli, subprocess_timeout, wait_for_line
+from tests.conftest import CONF, TINY, run_cli, subprocess_timeout, wait_for_line
 
 pytestmark = pytest.mark.e2e
 
@@ -229,3 +229,22 @@ def test_ctrl_c_prints_one_line_on_what_is_kept_and_exits_130(tmp_path: Path) ->
     assert f"run the same command with hydra.run.dir={fits.parent}" in lines[0]
     assert "Traceback" not in out + errors
     assert not (fits.parent / "metrics.json").exists()
+
+
+def test_help_says_what_the_app_does_and_how_to_run_it(tmp_path: Path) -> None:
+    text = run_cli(["--help"], cwd=tmp_path).stdout
+    assert "linear probe" in text and "W_E" in text
+    for command in (
+        "python -m probe_sweep ",
+        "python -m probe_sweep -m basis=pca,nmf,natural",
+        "python -m probe_sweep -m hparams_search=probe_reg",
+    ):
+        assert command in text, command
+    groups = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+    described = re.findall(r"^  (\w+) {2,}\S", text, flags=re.MULTILINE)
+    assert sorted(described) == groups, "one line per config group"
+    assert re.search(r"^model: .*minilm.*tiny", text, flags=re.MULTILINE), "group options"
+    for launcher in ("local", "local_submitit", "slurm"):
+        assert f"hydra/launcher={launcher} " in text
+    assert "launchers/README.md" in text and "README.md" in text
+    assert "$" not in text and "== Config ==" not in text
