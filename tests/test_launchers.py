@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import probe_sweep.__main__  # noqa: F401  (registers the schema and the presets' resolver)
-from tests.conftest import CONF, run_cli
+from tests.conftest import CONF, run_cli, subprocess_timeout
 from tests.test_slurm import FAST as SLURM_FAST
 
 pytestmark = pytest.mark.e2e
@@ -169,7 +169,7 @@ def test_a_killed_job_run_again_resumes_after_the_probes_it_had_fitted(tmp_path:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 300
+    deadline = time.time() + subprocess_timeout()
     while not (out / ".fits" / "layer_0.safetensors").exists() and time.time() < deadline:
         assert proc.poll() is None, "the job ended before its first probe was saved"
         time.sleep(0.05)

@@ -24,6 +24,7 @@ from hydra_plugins.probe_sweep_optuna._impl import (
 )
 from probe_sweep import report
 from probe_sweep.tuning import open_storage, quote_override
+from tests.conftest import subprocess_timeout
 from tests.wandb_reader import read_run, run_files
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -95,7 +96,7 @@ def sweep(root: Path, *args: str, code: int = 0) -> str:
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=subprocess_timeout(),
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == code, output[-4000:]
