@@ -138,7 +138,7 @@ def test_a_quoted_override_reads_back_exactly() -> None:
 
 def test_sampled_values_become_overrides_hydra_reads_back() -> None:
     parser = OverridesParser.create()
-    for value in (1e-7, 0.1, 3, True, "pca", "a b's", None):
+    for value in (1e-7, 0.1, 3, True, "pca", "a b's", None, "null", "true", "1e-3", "inf"):
         assert parser.parse_override(f"k={override_value(value)}").value() == value
 
 

@@ -136,7 +136,18 @@ def override_value(value: Any) -> str:
     if isinstance(value, bool | int):
         return str(value).lower() if isinstance(value, bool) else str(value)
     text = str(value)
-    return text if PLAIN_VALUE.fullmatch(text) else quote_override(text)
+    return text if _reads_as_itself(text) else quote_override(text)
+
+
+def _reads_as_itself(text: str) -> bool:
+    """Whether ``text`` unquoted is read back as this string (not null, a bool or a number)."""
+    if not PLAIN_VALUE.fullmatch(text) or text.lower() in ("null", "true", "false"):
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return True
+    return False
 
 
 def tracker_config(config: DictConfig) -> TrackerConfig | None:
