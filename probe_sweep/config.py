@@ -16,6 +16,7 @@ from probe_sweep.activations import ActivationsConfig
 from probe_sweep.bases import BasisConfig
 from probe_sweep.data import DataConfig
 from probe_sweep.errors import UserError
+from probe_sweep.jobs import prepare_launchers
 from probe_sweep.layers import LayersConfig
 from probe_sweep.model import ModelConfig
 from probe_sweep.probes import ProbeConfig, ProbeKind, RegConfig, RegKind
@@ -43,7 +44,9 @@ class Config:
 
 
 def register_schema() -> None:
+    """The config schema, and the resolvers conf/ uses: whatever composes the config has both."""
     ConfigStore.instance().store(name="probe_sweep_schema", node=Config)
+    prepare_launchers()
 
 
 def _check(ok: bool, message: str) -> None:

@@ -33,7 +33,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from probe_sweep.tracking import STAT_FIELDS, null_statistics, plt, save_figure, temp_path
+from probe_sweep.tracking import plt, save_figure, temp_path
 
 log = logging.getLogger("probe_sweep.report")
 
@@ -179,6 +179,104 @@ def plot_sweep(jobs: list[JobResult], path: Path, title: str) -> bool:
     return True
 
 
+def _interval_cell(value: Any, ci: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(ci, list) and len(ci) == 2 and None not in ci:
+        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{value:.3f}"
+
+
+def statistic_rows(job: JobResult) -> dict[str, dict[int, dict[str, Any]]]:
+    """A job's per-layer statistics (metrics.json ``statistics.entries``), by name then layer;
+    the accuracy rows' own intervals (top-1, selectivity) join them."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    metrics = job.metrics or {}
+    for row in metrics.get("layers", []):
+        for name in ("top1", "selectivity", "top1_minus_random_init"):
+            if row.get(name) is not None:
+                value = {"observed": row[name], "ci": row.get(f"{name}_ci")}
+                out.setdefault(name, {})[row["layer"]] = value
+    for entry in (metrics.get("statistics") or {}).get("entries", []):
+        if entry.get("layer") is not None and entry.get("observed") is not None:
+            out.setdefault(entry["name"], {})[entry["layer"]] = entry
+    return out
+
+
+def statistics_sections(jobs: list[JobResult], sweep_dir: Path) -> list[str]:
+    """One table per statistic (jobs as rows, layers as columns, value [95% CI]) and one figure
+    (a line per job, the interval as error bars). Jobs with an unconverged probe are marked."""
+    per_job = {job.label: statistic_rows(job) for job in jobs}
+    names = sorted({name for stats in per_job.values() for name in stats})
+    if not names:
+        return ["No job reported statistics."]
+    unconverged = {
+        job.label
+        for job in jobs
+        if not ((job.metrics or {}).get("probe") or {}).get("all_converged", True)
+    }
+    lines = []
+    if unconverged:
+        lines += [
+            f"Jobs marked * have a probe that did not reach its tolerance: {sorted(unconverged)}",
+            "",
+        ]
+    for name in names:
+        layers = sorted({layer for stats in per_job.values() for layer in stats.get(name, {})})
+        table = []
+        for label, stats in per_job.items():
+            by_layer = stats.get(name, {})
+            if by_layer:
+                cells = [by_layer.get(layer, {}) for layer in layers]
+                mark = " *" if label in unconverged else ""
+                table.append(
+                    [label + mark, *[_interval_cell(c.get("observed"), c.get("ci")) for c in cells]]
+                )
+        figure = f"report_{name}.png"
+        lines += [f"### {name}", ""]
+        if plot_statistic(per_job, name, layers, unconverged, sweep_dir / figure):
+            lines += [f"![{name} by layer, one line per job]({figure})", ""]
+        lines += _table(["job", *[f"layer {layer}" for layer in layers]], table) + [""]
+    return lines
+
+
+def plot_statistic(
+    per_job: dict[str, dict[str, dict[int, dict[str, Any]]]],
+    name: str,
+    layers: list[int],
+    unconverged: set[str],
+    path: Path,
+) -> bool:
+    """``name`` against the layer, one line per job, 95% intervals as error bars."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    drawn = False
+    for label, stats in per_job.items():
+        points = [(layer, stats[name][layer]) for layer in layers if layer in stats.get(name, {})]
+        if not points:
+            continue
+        xs = [layer for layer, _ in points]
+        ys = [p["observed"] for _, p in points]
+        cis = [p.get("ci") or [None, None] for _, p in points]
+        lower = [y - c[0] if c[0] is not None else 0 for y, c in zip(ys, cis, strict=True)]
+        upper = [c[1] - y if c[1] is not None else 0 for y, c in zip(ys, cis, strict=True)]
+        style = "--" if label in unconverged else "-"
+        text = label + (" (not converged)" if label in unconverged else "")
+        ax.errorbar(xs, ys, yerr=[lower, upper], fmt=style + "o", ms=3, capsize=2, label=text)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("layer (0 = embedding output)")
+    ax.set_ylabel(name)
+    ax.set_xticks(layers)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{name} by layer (95% intervals)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    return True
+
+
 def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> Path:
     """Write ``report.md`` (+ PNG, CSV) into ``sweep_dir`` from its jobs' files (``jobs``, when
     the caller has already read them); returns it."""
@@ -242,18 +340,8 @@ def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> 
     else:
         lines.append("No finished job.")
 
-    lines += ["", "## Null statistics", ""]
-    stat_rows = [
-        [job.label, s["name"], *[s.get(k) for k in STAT_FIELDS]]
-        for job in finished
-        for s in null_statistics(job.metrics or {})
-    ]
-    if stat_rows:
-        lines += _table(
-            ["job", "statistic", "observed", "null mean", "null std", "z", "p"], stat_rows
-        )
-    else:
-        lines.append("No job reported null statistics.")
+    lines += ["", "## Statistics by layer", ""]
+    lines += statistics_sections(finished, sweep_dir)
 
     lines += ["", "## Failed jobs", ""]
     if failed:

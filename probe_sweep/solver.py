@@ -140,6 +140,7 @@ def minimise(
         "evaluations": evaluations + 1,
         "objective": value + _l1_value(params[0], l1),
         "grad_norm_rel": residual,
+        "grad_start": reference,
         "tol": tol,
         "converged": bool(residual <= tol),
     }

@@ -160,7 +160,7 @@ class JobInfo:
         )
 
 
-STAT_FIELDS = ("observed", "null_mean", "null_std", "z", "p")
+STAT_FIELDS = ("observed", "null_mean", "p", "p_floor")
 GROUP_TAGS = ("model", "probe", "layers", "basis", "reg", "data")
 
 
@@ -171,7 +171,7 @@ def _is_number(value: Any) -> bool:
 def null_statistics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """Every null statistic in ``metrics`` (the ``statistics`` section, and any per-layer one).
 
-    A statistic is any dict holding ``observed`` and ``z`` or ``p``, wherever it sits; its name is
+    A statistic is any dict holding ``observed`` and ``p``, wherever it sits; its name is
     its path of keys (list items are named by their ``name``/``statistic``/``layer`` field).
     Rows keep the statistic's other scalar fields (``layer``, ``n_permutations``, ...).
     """
@@ -189,7 +189,7 @@ def null_statistics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
     def walk(node: Any, path: list[str]) -> None:
         if isinstance(node, dict):
-            if "observed" in node and ("z" in node or "p" in node):
+            if "observed" in node and "p" in node:
                 row = {k: v for k, v in node.items() if _is_number(v) or isinstance(v, str)}
                 row["name"] = "/".join(path) or "statistic"
                 found.append(row)
@@ -311,10 +311,9 @@ def _slug(text: str, limit: int = 96) -> str:
 
 def config_hash(resolved: dict[str, Any]) -> str:
     """Eight hex digits of the config, less what does not change the numbers."""
-    kept = {k: v for k, v in resolved.items() if k not in ("tracker", "device", "redo")}
-    if isinstance(kept.get("activations"), dict):
-        kept["activations"] = {k: v for k, v in kept["activations"].items() if k != "cache_dir"}
-    text = json.dumps(kept, sort_keys=True, default=str)
+    from probe_sweep.jobs import keyed_content  # jobs imports this module
+
+    text = json.dumps(keyed_content(resolved), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -357,15 +356,21 @@ def run_identity(
     }
 
 
-def track_job(cfg: TrackerConfig, job: JobInfo, resolved: dict[str, Any]) -> dict[str, Any] | None:
+def track_job(
+    cfg: TrackerConfig,
+    job: JobInfo,
+    resolved: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """Log a finished job (read from its files) as one W&B run; never raises.
 
+    ``metrics``: logged instead of metrics.json (a pruned trial's record; tagged pruned).
     Returns what ``wandb_run.json`` records (run id, mode, where it lives), or None when the
     tracker is disabled, the job left no ``metrics.json``, or W&B failed (one warning line).
     """
     metrics_path = job.out_dir / "metrics.json"
     tensors_path = job.out_dir / "probes.safetensors"
-    if not metrics_path.is_file():
+    if metrics is None and not metrics_path.is_file():
         return None
     if tensors_path.is_file():
         try:
@@ -376,8 +381,11 @@ def track_job(cfg: TrackerConfig, job: JobInfo, resolved: dict[str, Any]) -> dic
     if mode == "disabled":
         return None
     try:
-        metrics = json.loads(metrics_path.read_text())
+        if metrics is None:
+            metrics = json.loads(metrics_path.read_text())
         identity = run_identity(cfg, job, metrics, resolved)
+        if "pruned" in metrics:
+            identity["tags"].append("pruned")
         try:
             info = _log_run(cfg, job, metrics, resolved, identity, mode)
         except Exception as exc:
@@ -414,6 +422,8 @@ def track_study(cfg: TrackerConfig, summary: dict[str, Any], images: list[Path])
         run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
+            id=summary.get("wandb_run_id"),
+            resume="allow" if summary.get("wandb_run_id") else None,
             group=summary["study"],
             job_type="study",
             name=f"study {summary['study']}",
@@ -517,7 +527,7 @@ def _log_contents(
         for stat in stats:
             if stat.get("layer") == row["layer"]:
                 base = "/".join(p for p in stat["name"].split("/") if p != f"layer_{row['layer']}")
-                for key in ("z", "p", "observed"):
+                for key in ("p", "observed"):
                     if _is_number(stat.get(key)):
                         point[f"by_layer/null/{base or 'statistic'}/{key}"] = stat[key]
         run.log({"layer": row["layer"], **point})

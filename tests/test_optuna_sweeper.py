@@ -266,11 +266,6 @@ def test_a_resume_that_runs_no_trial_logs_no_study_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs tracking.track_study to pass summary['wandb_run_id'] to wandb.init (id=, "
-    "resume='allow'): see the sweeper's hand-over notes; remove this mark once applied",
-)
 def test_a_resumed_study_logs_to_its_one_wandb_run(tmp_path: Path) -> None:
     root = toy_app(tmp_path)
     sweep(root, "tracker.mode=offline", "hydra.sweeper.n_trials=2")

@@ -71,7 +71,7 @@ def test_report_puts_every_job_side_by_side(tmp_path: Path) -> None:
         "#3 basis=random",
         "#4 basis=pca",
     ]
-    assert "5 jobs: 2 finished, 1 failed, 1 skipped, 1 incomplete" in text
+    assert "5 jobs: 2 finished, 1 failed, 1 skipped, 0 pruned, 1 incomplete" in text
     assert (
         "| #1 basis=pca | finished | tiny-gpt2 | softmax | each | pca | l2 0.0001 | 0.9500 |"
         in (text)
@@ -81,11 +81,16 @@ def test_report_puts_every_job_side_by_side(tmp_path: Path) -> None:
     width, height = png_size(sweep / report.PLOT)
     assert width > 1000 and height > 400
     assert "| #0 basis=natural | 0.9000 | 0.8000 | 0.7000 |" in text
-    # Null statistics in one table, one row per statistic of every job that has them.
-    stats = section(text, "## Null statistics")
-    assert stats.count("| #1 basis=pca |") == 3
-    assert "| #1 basis=pca | embedding_alignment/layer_0 | 0.8000 | 0.1000 | 0.0500 | 14." in stats
-    assert "#0 basis=natural" not in stats
+    # One table per statistic, jobs as rows and layers as columns, value [95% CI]; a figure each.
+    stats = section(text, "## Statistics by layer")
+    cosine = stats[stats.index("### probe_embedding_cosine") :]
+    cosine = cosine[: cosine.index("\n### ")] if "\n### " in cosine else cosine
+    assert "| job | layer 0 | layer 2 |" in cosine
+    assert "| #1 basis=pca | 0.800 [0.780, 0.820] | 0.300 [0.280, 0.320] |" in cosine
+    assert "#0 basis=natural" not in cosine
+    top1 = stats[stats.index("### top1") :]
+    assert "| #0 basis=natural | 0.900 [0.890, 0.910] |" in top1
+    assert png_size(sweep / "report_probe_embedding_cosine.png")[0] > 500
     # Failed and incomplete jobs are listed.
     failed = section(text, "## Failed jobs")
     assert "| #2 basis=nmf | RuntimeError | NMF did not converge |" in failed

@@ -13,18 +13,27 @@ import pytest
 import torch
 
 from probe_sweep import tracking
+from probe_sweep.statistics.nulls import null_entry
 from probe_sweep.tracking import JobInfo, TrackerConfig, TrackerMode
 from tests.conftest import TINY, run_cli
 from tests.wandb_reader import read_records, read_run, run_files
 
+
+def _entry(name: str, layer: int | None, observed: float, null_mean: float) -> dict[str, Any]:
+    """A statistic as production writes it (the real ``null_entry``, on seeded draws)."""
+    draws = null_mean + 0.05 * torch.randn(99, generator=torch.Generator().manual_seed(0))
+    ci = [observed - 0.02, observed + 0.02]
+    return null_entry(name, layer, observed, draws, "greater", ci)
+
+
 STATISTICS = {
-    "embedding_alignment": [
-        {"layer": 0, "observed": 0.8, "null_mean": 0.1, "null_std": 0.05, "z": 14.0, "p": 0.001},
-        {"layer": 2, "observed": 0.3, "null_mean": 0.1, "null_std": 0.05, "z": 4.0, "p": 0.01},
+    "entries": [
+        _entry("probe_embedding_cosine", 0, 0.8, 0.1),
+        _entry("probe_embedding_cosine", 2, 0.3, 0.1),
+        _entry("weight_to_variance_bottom_half", 0, 1.1, 1.0),
     ],
-    "pooled": {
-        "cosine": {"observed": 0.5, "null_mean": 0.0, "null_std": 0.1, "z": 5.0, "p": 0.002}
-    },
+    "weight_mass": {},
+    "logit_lens": [],
 }
 
 
@@ -43,10 +52,6 @@ def fake_job(
     for layer, acc in enumerate(top1):
         tensors[f"layer_{layer}.weight"] = torch.randn(n_classes, d, generator=generator)
         tensors[f"layer_{layer}.bias"] = torch.zeros(n_classes)
-        history = [
-            {"epoch": e, "train_loss": 3.0 - e - layer / 10, "val_loss": 3.2 - e + layer / 10}
-            for e in range(3)
-        ]
         rows.append(
             {
                 "layer": layer,
@@ -58,8 +63,10 @@ def fake_job(
                 "top1_rare": None,
                 "n_test": 100,
                 "n_unseen": 3,
-                "epochs": 3,
-                "history": history,
+                "top1_ci": [acc - 0.01, min(1.0, acc + 0.01)],
+                "iterations": 30,
+                "grad_norm_rel": 5e-5,
+                "converged": True,
             }
         )
     tracking.write_tensors(out_dir / "probes.safetensors", tensors, {"basis": basis})
@@ -79,6 +86,15 @@ def fake_job(
         "counts": {"n_train_tokens": 1000, "n_test_tokens": 100},
         "timing_s": {"extract": 1.0, "fit": 2.0},
         "layers": rows,
+        "fits": {
+            f"layer_{layer}": {
+                "solver": "lbfgs",
+                "iterations": 30,
+                "converged": True,
+                "history": [{"evaluation": e, "objective": 3.0 - e / 10} for e in range(3)],
+            }
+            for layer in range(len(top1))
+        },
         "config": {"basis": {"kind": basis}},
     }
     if statistics is not None:
@@ -95,19 +111,19 @@ def test_null_statistics_are_found_wherever_they_sit() -> None:
     metrics = {
         "statistics": STATISTICS,
         "layers": [
-            {"layer": 1, "statistics": {"norm": {"observed": 1, "z": 0.5, "p": 0.6}}},
+            {"layer": 1, "statistics": {"norm": {"observed": 1, "p": 0.6}}},
             {"layer": 2},
         ],
     }
     stats = {s["name"]: s for s in tracking.null_statistics(metrics)}
     assert set(stats) == {
-        "embedding_alignment/layer_0",
-        "embedding_alignment/layer_2",
-        "pooled/cosine",
+        "entries/probe_embedding_cosine/layer_0",
+        "entries/probe_embedding_cosine/layer_2",
+        "entries/weight_to_variance_bottom_half/layer_0",
         "layer_1/norm",
     }
-    assert stats["embedding_alignment/layer_2"]["layer"] == 2
-    assert stats["pooled/cosine"]["z"] == 5.0
+    assert stats["entries/probe_embedding_cosine/layer_2"]["layer"] == 2
+    assert stats["entries/probe_embedding_cosine/layer_0"]["p"] == 0.01  # its floor, 1/100
     assert tracking.null_statistics({"layers": []}) == []
 
 
@@ -158,33 +174,33 @@ def test_a_job_becomes_one_offline_run_with_everything_logged(tmp_path: Path) ->
     assert run.config["basis"] == {"kind": "pca"} and run.config["seed"] == 0
     assert run.config["job"]["overrides"] == ["basis=pca"]
 
-    # Per-layer curves on a layer x-axis, training curves on an epoch x-axis.
+    # Per-layer curves on a layer x-axis, fit curves on a solver-evaluation x-axis.
     assert run.metrics["by_layer/*"].step_metric == "layer"
-    assert run.metrics["fit/*"].step_metric == "epoch"
+    assert run.metrics["fit/*"].step_metric == "evaluation"
     by_layer = run.rows_with("by_layer/top1")
     assert [(r["layer"], r["by_layer/top1"]) for r in by_layer] == [(0, 0.9), (1, 0.8), (2, 0.6)]
     assert "by_layer/top1_rare" not in by_layer[0]  # None is not a number to plot
     # Null statistics that name their layer are curves on the same axis.
-    z_by_layer = {r["layer"]: r.get("by_layer/null/embedding_alignment/z") for r in by_layer}
-    assert z_by_layer == {0: 14.0, 1: None, 2: 4.0}
-    curve = run.rows_with("fit/layer_2/val_loss")
-    assert [r["epoch"] for r in curve] == [0, 1, 2]
-    assert [r["fit/layer_2/val_loss"] for r in curve] == pytest.approx([3.4, 2.4, 1.4])
+    key = "by_layer/null/entries/probe_embedding_cosine/observed"
+    assert {r["layer"]: r.get(key) for r in by_layer} == {0: 0.8, 1: None, 2: 0.3}
+    curve = run.rows_with("fit/layer_2/objective")
+    assert [r["evaluation"] for r in curve] == [0, 1, 2]
+    assert [r["fit/layer_2/objective"] for r in curve] == pytest.approx([3.0, 2.9, 2.8])
 
     # Summary: per-layer scores by name, the headline numbers, every null statistic.
     summary = run.summary
     assert summary["top1/layer_1"] == 0.8 and summary["best_layer"] == 0
     assert summary["top1_last"] == 0.6
-    assert summary["null/embedding_alignment/layer_0/z"] == 14.0
-    assert summary["null/pooled/cosine/p"] == 0.002
+    assert summary["null/entries/probe_embedding_cosine/layer_0/observed"] == 0.8
+    assert summary["null/entries/weight_to_variance_bottom_half/layer_0/p"] > 0.01
     for field in tracking.STAT_FIELDS:
-        assert f"null/embedding_alignment/layer_2/{field}" in summary
+        assert f"null/entries/probe_embedding_cosine/layer_2/{field}" in summary
     assert summary["counts/n_train_tokens"] == 1000
 
     # Tables and images are in the run's files.
     files = run_dir_files(Path(info["run_dir"]))
     stats_table = json.loads(files["tables/null_statistics"].read_text())
-    assert stats_table["columns"][:6] == ["name", *tracking.STAT_FIELDS]
+    assert stats_table["columns"][:5] == ["name", *tracking.STAT_FIELDS]
     assert len(stats_table["data"]) == 3
     layer_table = json.loads(files["tables/per_layer"].read_text())
     assert [row[0] for row in layer_table["data"]] == [0, 1, 2]
@@ -317,8 +333,7 @@ def test_cli_job_auto_mode_without_key_logs_offline(
     assert run.run.job_type == "softmax-pooled"
     assert run.config["model"]["name"] == "tiny-gpt2"  # the resolved config
     assert run.config["tracker"]["mode"] == "auto"
-    # A pooled probe has one training curve, scored at every layer.
-    assert [k for k in run.summary if k.startswith("fit/") and k.endswith("val_loss")] == [
-        "fit/pooled/val_loss"
-    ]
+    # A pooled probe has one fit curve, scored at every layer.
+    fit_curves = [k for k in run.summary if k.startswith("fit/") and k.endswith("objective")]
+    assert "fit/pooled/objective" in fit_curves and "fit/layer_0/objective" not in fit_curves
     assert [r["layer"] for r in run.rows_with("by_layer/top1")] == [0, 1, 2]

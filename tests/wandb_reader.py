@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +101,22 @@ class RunLog:
         return [row for row in self.history if key in row]
 
 
-def read_run(path: Path) -> RunLog:
-    """Decode a run file: the run record, config updates, history rows, summary and artifacts."""
+def read_run(path: Path, wait_s: float = 120.0) -> RunLog:
+    """Decode a run file once wandb's writer has flushed it (its exit record is there: wandb's
+    service may still be writing when ``finish()`` returns, more so on a busy machine)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        log = _decode_run(path)
+        if (log is not None and log.exit_code is not None) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if log is None:
+        raise ValueError(f"{path}: no run record")
+    return log
+
+
+def _decode_run(path: Path) -> RunLog | None:
+    """The run record, config updates, history rows, summary and artifacts of a run file."""
     log: RunLog | None = None
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
@@ -131,8 +146,6 @@ def read_run(path: Path) -> RunLog:
             log.files.extend(f.path for f in record.files.files)
         elif kind == "exit":
             log.exit_code = record.exit.exit_code
-    if log is None:
-        raise ValueError(f"{path}: no run record")
     return log
 
 
