@@ -26,6 +26,7 @@ from probe_sweep.bases import Basis, build_basis, check_basis_config
 from probe_sweep.config import Config
 from probe_sweep.data import TEST, TRAIN, VAL, Corpus, build_corpus
 from probe_sweep.errors import UserError
+from probe_sweep.ksweep import accuracy_against_k
 from probe_sweep.layers import LayerMode, pooled_assignment, resolve_layers
 from probe_sweep.model import ModelInfo, inspect_model, load_model, load_tokenizer
 from probe_sweep.probes import (
@@ -475,6 +476,17 @@ def measure(
     )
     statistics = pstats.job_statistics(job, stats_cfg, config.seed)
     statistics["basis"] = {"name": inputs.basis.name, **inputs.basis.info}
+    if stats_cfg.k_sweep and config.layers.mode is not LayerMode.pooled:
+        statistics["accuracy_vs_k"] = [
+            point
+            for row in fitted.rows
+            for point in accuracy_against_k(
+                inputs(TRAIN, row["layer"]), split.labels[TRAIN], inputs(TEST, row["layer"]),
+                split.labels[TEST], len(split.classes), stats_cfg.k_sweep, inputs.basis.null_kind,
+                stats_cfg.k_seeds, config.reg, config.probe, scorer.bootstrap, row["layer"],
+                config.seed,
+            )
+        ]  # fmt: skip
     return statistics
 
 
@@ -608,6 +620,9 @@ def write_job_files(
         f"{basis_name} basis, {probe['reg']} {probe['strength']:g}"
     )
     tracking.plot_accuracy_by_layer(rows, out_dir / "accuracy_by_layer.png", title)
+    if metrics["statistics"].get("accuracy_vs_k"):
+        points = metrics["statistics"]["accuracy_vs_k"]
+        tracking.plot_accuracy_vs_k({"": points}, out_dir / "accuracy_vs_k.png", title)
     tracking.write_json(out_dir / jobs.METRICS, metrics)
     log.info("Held-out scores (%s):\n%s", out_dir, tracking.format_table(rows))
     statistics = metrics["statistics"]

@@ -64,7 +64,19 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     os.replace(tmp, path)
 
 
+def _error_bars(values: list[float | None], cis: list[Any]) -> list[list[float]]:
+    """Distances from each value to its 95% interval's ends (0 where there is none)."""
+    lower, upper = [], []
+    for value, ci in zip(values, cis, strict=True):
+        ok = value is not None and isinstance(ci, list) and None not in ci
+        lower.append(value - ci[0] if ok else 0.0)
+        upper.append(ci[1] - value if ok else 0.0)
+    return [lower, upper]
+
+
 def plot_accuracy_by_layer(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Held-out accuracies against depth, 95% intervals (held-out sequences) as error bars,
+    with the random-init model's top-1 where it was measured."""
     layers = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {
@@ -72,19 +84,60 @@ def plot_accuracy_by_layer(rows: list[dict[str, Any]], path: Path, title: str) -
         "top5": ("top-5", "--s"),
         "top1_frequent": ("top-1, frequent types", ":^"),
         "top1_rare": ("top-1, rare types", ":v"),
+        "random_init_top1": ("top-1, random-init model (baseline)", "-.x"),
+        "control_top1": ("control task top-1 (baseline)", "-.+"),
     }
-    for key, (label, style) in styles.items():
-        ax.plot(layers, [r[key] for r in rows], style, label=label, markersize=4)
+    shown = [k for k in styles if any(r.get(k) is not None for r in rows)]
+    for key in shown:
+        label, style = styles[key]
+        values = [r.get(key) for r in rows]
+        bars = _error_bars(values, [r.get(f"{key}_ci") for r in rows])
+        ax.errorbar(layers, values, yerr=bars, fmt=style, label=label, ms=4, capsize=2)
     ax.set_xlabel("layer (0 = embedding output)")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel("held-out accuracy (95% intervals)")
     ax.set_xticks(layers)
-    lowest = min(r[k] for r in rows for k in styles if r[k] is not None)
+    lowest = min(r[k] for r in rows for k in shown if r.get(k) is not None)
     ax.set_ylim(max(0.0, lowest - 0.05), 1.01)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
+
+
+def plot_accuracy_vs_k(points: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Top-1 against k, one panel per layer: top-k and bottom-k with 95% intervals, and the
+    random-k control as a band over its seeds (min to max) around their mean. ``points``: a
+    label (a job; "" for one) -> the ``accuracy_vs_k`` records."""
+    layers = sorted({p["layer"] for pts in points.values() for p in pts})
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for i, (label, pts) in enumerate(points.items()):
+            color = plt.get_cmap("tab10")(i % 10)
+            here = [p for p in pts if p["layer"] == layer]
+            for kind, style in (("top", "-o"), ("bottom", "--s")):
+                line = sorted((p for p in here if p["kind"] == kind), key=lambda p: p["k"])
+                values = [p["top1"] for p in line]
+                bars = _error_bars(values, [p["top1_ci"] for p in line])
+                name = f"{label} {kind}-k".strip()
+                ax.errorbar([p["k"] for p in line], values, yerr=bars, fmt=style, color=color,
+                            ms=3, capsize=2, label=name)  # fmt: skip
+            ks = sorted({p["k"] for p in here if p["kind"] == "random"})
+            draws = [[p["top1"] for p in here if p["kind"] == "random" and p["k"] == k] for k in ks]
+            if ks:
+                band = f"{label} random-k (seeds)".strip()
+                low, high = [min(d) for d in draws], [max(d) for d in draws]
+                ax.fill_between(ks, low, high, color=color, alpha=0.2, label=band)
+                ax.plot(ks, [sum(d) / len(d) for d in draws], ":", color=color)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k directions")
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out top-1")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -150,7 +150,7 @@ def test_a_warm_start_is_used_only_where_it_beats_the_zero_probe() -> None:
     near = fit_softmax_probe(x, y, 12, RegConfig(RegKind.l2, 2e-3), TIGHT).probe
     warm = fit_softmax_probe(x, y, 12, reg, TIGHT, init=near)
     assert warm.convergence["init"] == "warm"
-    assert warm.convergence["iterations"] < cold.convergence["iterations"]
+    assert warm.convergence["iterations"] <= cold.convergence["iterations"]
     assert warm.convergence["objective"] == pytest.approx(cold.convergence["objective"], rel=1e-5)
     w_cold, w_warm = cold.probe.weight.detach(), warm.probe.weight.detach()
     assert ((w_cold - w_warm).norm() / w_cold.norm()).item() < 1e-2

@@ -1,0 +1,140 @@
+"""Print the README's result tables from jobs' metrics.json files, so no number is typed by hand.
+
+python docs/readme_tables.py layers  <job dir>                # per layer, one job
+python docs/readme_tables.py bases   <sweep dir>              # one row per job and layer
+python docs/readme_tables.py k       <job dir>                # accuracy against k
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def ci(value: float | None, interval: list | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if interval and None not in interval:
+        return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    return f"{value:.{digits}f}"
+
+
+def entries(metrics: dict[str, Any]) -> dict[tuple[str, int | None], dict[str, Any]]:
+    return {(e["name"], e["layer"]): e for e in metrics["statistics"].get("entries", [])}
+
+
+def diff(entry: dict[str, Any], baseline: str) -> str:
+    b = (entry.get("baselines") or {}).get(baseline)
+    return "-" if b is None else f"{b['observed']:.3f} ({ci(b['difference'], b['difference_ci'])})"
+
+
+def shares(row: dict[str, Any]) -> str:
+    return f"{row['weight_share_bottom_half']:.3f} / {row['variance_share_bottom_half']:.3f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def layers_table(metrics: dict[str, Any]) -> str:
+    found = entries(metrics)
+    rows = []
+    for row in metrics["layers"]:
+        layer = row["layer"]
+        cos = found[("probe_embedding_cosine", layer)]
+        cka = found[("probe_embedding_cka", layer)]
+        proc = found[("probe_embedding_procrustes", layer)]
+        ratio = found[("weight_to_variance_bottom_half", layer)]
+        rows.append(
+            [
+                str(layer),
+                ci(row["top1"], row.get("top1_ci")),
+                ci(row.get("random_init_top1"), row.get("random_init_top1_ci")),
+                ci(row.get("selectivity"), row.get("selectivity_ci")),
+                ci(cos["observed"], cos["ci"]),
+                diff(cos, "random_init"),
+                ci(cka["observed"], cka["ci"]),
+                diff(cka, "random_init"),
+                ci(proc["observed"], proc["ci"]),
+                diff(proc, "random_init"),
+                shares(row),
+                f"{ci(ratio['observed'], ratio['ci'])}, p>={ratio['p']:.3f}, "
+                f"p<={ratio['p_less']:.3f}",
+                diff(ratio, "random_init"),
+            ]
+        )
+    header = [
+        "layer", "top-1", "random-init top-1", "selectivity", "cosine to W_E",
+        "random-init cosine (difference)", "CKA", "random-init CKA (difference)",
+        "Procrustes residual", "random-init residual (difference)",
+        "weight / variance share, bottom half", "ratio, p(greater), p(less)",
+        "random-init ratio (difference)",
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def bases_table(sweep: Path) -> str:
+    rows = []
+    for path in sorted(sweep.rglob("metrics.json")):
+        metrics = json.loads(path.read_text())
+        found = entries(metrics)
+        basis = metrics["probe"]["basis"]
+        for row in metrics["layers"]:
+            layer = row["layer"]
+            ratio = found[("weight_to_variance_bottom_half", layer)]
+            cos = found[("probe_embedding_cosine", layer)]
+            rows.append(
+                [
+                    basis,
+                    str(layer),
+                    ci(row["top1"], row.get("top1_ci")),
+                    str(row.get("iterations")),
+                    str(row.get("converged")),
+                    ci(cos["observed"], cos["ci"]),
+                    shares(row),
+                    f"{ci(ratio['observed'], ratio['ci'])} ({ratio['null']}: p>={ratio['p']:.3f}, "
+                    f"p<={ratio['p_less']:.3f})",
+                ]
+            )
+    header = ["basis", "layer", "top-1", "iterations", "converged", "cosine to W_E",
+              "weight / variance share, bottom half", "ratio (null: p)"]  # fmt: skip
+    return table(header, rows)
+
+
+def k_table(metrics: dict[str, Any]) -> str:
+    points = metrics["statistics"]["accuracy_vs_k"]
+    rows = []
+    for layer in sorted({p["layer"] for p in points}):
+        for k in sorted({p["k"] for p in points if p["layer"] == layer}):
+            here = [p for p in points if p["layer"] == layer and p["k"] == k]
+            top = next(p for p in here if p["kind"] == "top")
+            bottom = next(p for p in here if p["kind"] == "bottom")
+            random = [p["top1"] for p in here if p["kind"] == "random"]
+            rows.append(
+                [
+                    str(layer),
+                    str(k),
+                    ci(top["top1"], top["top1_ci"]),
+                    ci(bottom["top1"], bottom["top1_ci"]),
+                    f"{sum(random) / len(random):.3f} ({min(random):.3f}-{max(random):.3f}, "
+                    f"{len(random)} seeds)",
+                ]
+            )
+    return table(["layer", "k", "top-k top-1", "bottom-k top-1", "random-k top-1 (range)"], rows)
+
+
+def main(argv: list[str]) -> int:
+    kind, where = argv[0], Path(argv[1])
+    if kind == "bases":
+        print(bases_table(where))
+        return 0
+    metrics = json.loads((where / "metrics.json").read_text())
+    print(layers_table(metrics) if kind == "layers" else k_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
