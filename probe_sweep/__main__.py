@@ -8,6 +8,8 @@ a resumed sweep and hands the results to the tracker and the tuner.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,8 +33,6 @@ jobs.prepare_launchers()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; return the tuning objective (what an Optuna sweep optimises)."""
-    import os
-    import signal
     import time
     from typing import NoReturn
 
@@ -114,6 +114,9 @@ def main(cfg: DictConfig) -> float | None:
         if tuning.is_pruned(exc):
             log.info("Trial pruned by the study: %s", exc)
             jobs.discard_fits(out_dir)  # a pruned trial is never run again
+            job = tracking.JobInfo.from_hydra(HydraConfig.get())
+            pruned = tuning.pruned_metrics(exc, resolved)  # type: ignore[arg-type]
+            tracking.track_job(config.tracker, job, resolved, pruned)  # type: ignore[arg-type]
             raise  # the Optuna sweeper records the trial as pruned
         jobs.write_failed(out_dir, exc, overrides)
         if not multirun:
@@ -122,4 +125,13 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a multirun's parent (joblib, submitit), outside any job
+        print(
+            "Interrupted. Finished jobs are kept; run the same command with the same "
+            "hydra.sweep.dir= to resume.",
+            file=sys.stderr,
+        )
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)

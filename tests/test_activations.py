@@ -18,7 +18,7 @@ from probe_sweep.activations import ActivationsConfig, CacheDtype, extract, open
 from probe_sweep.data import DataConfig, build_corpus
 from probe_sweep.errors import UserError
 from probe_sweep.model import hidden_states, load_model, load_tokenizer
-from tests.conftest import wait_for_line
+from tests.conftest import subprocess_timeout, wait_for_line
 from tests.test_model import TINY
 
 CPU = torch.device("cpu")
@@ -96,7 +96,7 @@ def test_killed_extraction_leaves_nothing_that_looks_complete(tmp_path: Path) ->
         text=True,
     )
     wait_for_line(proc, "extracting")
-    deadline = time.time() + 120
+    deadline = time.time() + subprocess_timeout()
     while not any(cache.glob(".tmp-*/layer_2.npy")) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_timeout
 
 SECTIONS = ("1 extraction", "2 softmax probe", "3 ridge path", "4 sweep", "5 memory")
 
@@ -35,7 +35,7 @@ def test_bench_runs_end_to_end_and_appends_its_table(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=subprocess_timeout(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     written = out.read_text()

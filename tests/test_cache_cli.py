@@ -15,6 +15,7 @@ import torch
 from probe_sweep.activations import ActivationsConfig, entry_lock, extract
 from probe_sweep.data import DataConfig, build_corpus
 from probe_sweep.model import load_model, load_tokenizer
+from tests.conftest import subprocess_timeout
 from tests.test_cache_integrity import flip_finite
 from tests.test_model import TINY
 
@@ -38,7 +39,7 @@ def cache_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=subprocess_timeout(),
     )
 
 

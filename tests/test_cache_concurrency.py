@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import wait_for_line
+import pytest
+
+from tests.conftest import subprocess_timeout, wait_for_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,7 @@ def start(cache: Path, budget: int, batch: int, go: Path) -> subprocess.Popen[st
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[dict, str]:
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=subprocess_timeout())
     assert proc.returncode == 0, out
     result = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert len(result) == 1, out
@@ -64,6 +66,7 @@ def entries(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir() if not p.name.startswith(".tmp-"))
 
 
+@pytest.mark.e2e
 def test_racing_jobs_compute_once_and_read_the_same_bytes(tmp_path: Path) -> None:
     cache, go = tmp_path / "cache", tmp_path / "go"
     procs = [start(cache, 6000, 8, go) for _ in range(3)]
@@ -81,6 +84,7 @@ def test_racing_jobs_compute_once_and_read_the_same_bytes(tmp_path: Path) -> Non
     assert not [p for p in cache.glob(".tmp-*") if p.is_dir()], "temporary dirs left behind"
 
 
+@pytest.mark.e2e
 def test_a_job_killed_holding_the_lock_leaves_nothing_and_the_waiter_recomputes(
     tmp_path: Path,
 ) -> None:
@@ -93,7 +97,7 @@ def test_a_job_killed_holding_the_lock_leaves_nothing_and_the_waiter_recomputes(
     wait_for_line(first, "ready")
     wait_for_line(second, "ready")
     go_first.touch()
-    deadline = time.time() + 120
+    deadline = time.time() + subprocess_timeout()
     while not list(cache.glob(".tmp-*/layer_2.npy")) and time.time() < deadline:
         time.sleep(0.05)
     assert list(cache.glob(".tmp-*/layer_2.npy")), "the first job never started writing"

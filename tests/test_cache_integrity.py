@@ -31,7 +31,7 @@ from probe_sweep.data import DataConfig, build_corpus
 from probe_sweep.errors import UserError
 from probe_sweep.model import load_model, load_tokenizer
 from tests.conftest import TINY as TINY_ARGS
-from tests.conftest import run_cli
+from tests.conftest import run_cli, subprocess_timeout
 from tests.test_model import TINY
 
 CPU = torch.device("cpu")
@@ -286,7 +286,7 @@ def test_disk_filling_up_mid_write_is_an_error_not_sigbus(
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=subprocess_timeout(),
     )
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert "filled up while writing entry" in proc.stdout and "nothing was cached" in proc.stdout

@@ -19,10 +19,7 @@ TESTS = Path(__file__).resolve().parent
 CHILD_PROCESS = ("subprocess.", "Popen", "run_cli(", "os.kill(", "os.killpg(")
 # Tests that start children but cannot carry the marker yet: their file does not import pytest,
 # and only its owner may add that line. Remove an entry once its decorator is in.
-PENDING = {
-    "test_cache_concurrency.py::test_racing_jobs_compute_once_and_read_the_same_bytes",
-    "test_cache_concurrency.py::test_a_job_killed_holding_the_lock_leaves_nothing_and_the_waiter_recomputes",
-}
+PENDING: set[str] = set()
 # Tests that name a child-process call but replace it with a fake.
 NO_CHILD = {"test_harness.py::test_run_cli_waits_for_the_scaled_limit"}
 
