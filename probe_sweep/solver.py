@@ -15,7 +15,6 @@ by the chunk, not the token count, and run on whichever device the rows are move
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +30,7 @@ def chunk_rows(chunk_mb: int, d: int, n_classes: int) -> int:
 
 @dataclass
 class SoftmaxObjective:
-    """The smooth part: mean cross-entropy plus ``l2 * ||W||^2``, by chunks of ``rows``.
-
-    With ``precondition`` (P, d x d, symmetric) the variable is V with W = V P: the same
-    objective, written in coordinates in which L-BFGS sees a far better conditioned problem."""
+    """The smooth part: mean cross-entropy plus ``l2 * ||W||^2``, by chunks of ``rows``."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -43,7 +39,6 @@ class SoftmaxObjective:
     scale: float
     l2: float
     rows: int
-    precondition: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, params: Params, grad: bool = True) -> tuple[float, Params | None]:
@@ -54,8 +49,6 @@ class SoftmaxObjective:
         for start in range(0, len(self.x), self.rows):
             xs = self.x[start : start + self.rows].to(device, self.mean.dtype)
             xs = (xs - self.mean) / self.scale
-            if self.precondition is not None:
-                xs = xs @ self.precondition
             y = self.y[start : start + self.rows].to(device)
             logits = torch.addmm(bias, xs, weight.T)
             lse = torch.logsumexp(logits, 1)
@@ -66,37 +59,11 @@ class SoftmaxObjective:
                 g_weight.addmm_(probs.T, xs)
                 g_bias += probs.sum(0)
         n = max(len(self.x), 1)
-        natural = weight if self.precondition is None else weight @ self.precondition
-        value = total.item() / n + self.l2 * natural.pow(2).sum().item()
+        value = total.item() / n + self.l2 * weight.pow(2).sum().item()
         if not grad:
             return value, None
-        penalty = natural if self.precondition is None else natural @ self.precondition
-        g_weight.div_(n).add_(penalty, alpha=2 * self.l2)
+        g_weight.div_(n).add_(weight, alpha=2 * self.l2)
         return value, (g_weight, g_bias.div_(n))
-
-    @torch.no_grad()
-    def second_moment(self) -> torch.Tensor:
-        """Covariance (d x d, float64) of the standardised rows."""
-        d = self.x.shape[1]
-        gram = torch.zeros(d, d, dtype=torch.float64, device=self.mean.device)
-        for start in range(0, len(self.x), self.rows):
-            xs = (self.x[start : start + self.rows].to(self.mean) - self.mean) / self.scale
-            gram += xs.T.double() @ xs.double()
-        return gram / max(len(self.x), 1)
-
-    def preconditioned(self) -> tuple[SoftmaxObjective, torch.Tensor, torch.Tensor]:
-        """The same objective in whitened coordinates: P = (Sigma + c I)^(-1/2), with Sigma the
-        inputs' covariance and c = 2 l2 + 1e-6 tr(Sigma) / d (the penalty's own curvature,
-        and a floor for directions the data never takes). Returns it, P and P^-1."""
-        cov = self.second_moment()
-        vals, vecs = torch.linalg.eigh(cov)
-        floor = 2 * self.l2 + 1e-6 * cov.trace().item() / len(cov)
-        vals = vals.clamp_min(0) + floor
-        p = (vecs * vals.rsqrt()) @ vecs.T
-        p_inv = (vecs * vals.sqrt()) @ vecs.T
-        dtype = self.mean.dtype
-        whitened = dataclasses.replace(self, precondition=p.to(dtype))
-        return whitened, p.to(dtype), p_inv.to(dtype)
 
     @torch.no_grad()
     def lipschitz(self) -> float:
@@ -160,7 +127,7 @@ def minimise(
                 objective, init, l1, tol * reference, max_iter, history, bar
             )
         else:
-            params, iterations, evaluations = _preconditioned_lbfgs(
+            params, iterations, evaluations = _lbfgs(
                 objective, init, tol * reference, max_iter, history_size, history, bar
             )
     value, grads = objective(params)
@@ -180,42 +147,6 @@ def minimise(
     return params, convergence, history
 
 
-def _preconditioned_lbfgs(
-    objective: SoftmaxObjective,
-    init: Params,
-    tolerance: float,
-    max_iter: int,
-    history_size: int,
-    history: list[dict[str, float]],
-    bar: tqdm,
-) -> tuple[Params, int, int]:
-    """L-BFGS on the whitened objective (W = V P), stopped on the gradient in the original
-    coordinates: where V's gradient criterion was met first, it is tightened and run on."""
-    whitened, p, p_inv = objective.preconditioned()
-    params = (init[0] @ p_inv, init[1])
-    iterations = evaluations = 0
-    inner_tolerance = (
-        tolerance
-        * max(_max_abs(whitened(params)[1]), 1e-12)
-        / max(  # type: ignore[arg-type]
-            _max_abs(objective(init)[1]),
-            1e-12,  # type: ignore[arg-type]
-        )
-    )
-    while iterations < max_iter:
-        params, its, evals = _lbfgs(
-            whitened, params, inner_tolerance, max_iter - iterations, history_size, history, bar
-        )
-        iterations, evaluations = iterations + its, evaluations + evals
-        _, grads = objective((params[0] @ p, params[1]))
-        assert grads is not None
-        residual = _max_abs(grads)
-        if residual <= tolerance or its == 0:
-            break
-        inner_tolerance *= 0.5 * tolerance / residual
-    return (params[0] @ p, params[1]), iterations, evaluations + 2
-
-
 def _lbfgs(
     objective: SoftmaxObjective,
     init: Params,
@@ -231,7 +162,7 @@ def _lbfgs(
         [weight, bias],
         lr=1.0,
         max_iter=max_iter,
-        max_eval=2 * max_iter,
+        max_eval=max_iter * 5 // 4,  # torch's default; it also bounds each line search
         tolerance_grad=tolerance,
         # stop on a vanishing step, never on a small change of the objective: near the
         # optimum that change is below the resolution of the dtype long before the gradient is

@@ -105,14 +105,17 @@ def test_multirun_runs_every_combination(tmp_path: Path) -> None:
     assert computed and sorted(reused) == sorted(computed), proc.stdout
 
 
-def test_default_minilm_job_meets_the_layer0_bar(tmp_path: Path) -> None:
-    """The issue's acceptance run: defaults (MiniLM, offline corpus), every layer reported."""
-    run_cli(["hydra.run.dir=out"], cwd=tmp_path)
+def test_minilm_job_meets_the_layer0_bar_with_converged_probes(tmp_path: Path) -> None:
+    """The real MiniLM weights on the offline corpus: the first and last layers (the full
+    default job, every layer with baselines, is the README's run, too slow for the suite)."""
+    args = ["layers=subset", "layers.indices=[0,6]", "data.token_budget=12000"]
+    run_cli([*args, "statistics.enabled=false", "hydra.run.dir=out"], cwd=tmp_path)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     rows = metrics["layers"]
-    assert [r["layer"] for r in rows] == list(range(7))
-    assert rows[0]["top1"] >= 0.95
+    assert [r["layer"] for r in rows] == [0, 6]
+    assert rows[0]["top1"] >= 0.95 and rows[0]["top1_ci"][0] < rows[0]["top1"]
     assert rows[-1]["top1"] < rows[0]["top1"]
+    assert metrics["probe"]["all_converged"] and all(r["converged"] for r in rows)
 
 
 @pytest.mark.parametrize(
