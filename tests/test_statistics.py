@@ -280,3 +280,28 @@ def test_control_task_and_probe_on_the_models_own_guess(tmp_path: Path) -> None:
         )
     # Tied embeddings and random blocks: the layer-0 logit lens is nearly the identity read-out.
     assert rows[0]["lens_probe_top1"] > 0.5
+
+
+def test_a_baseline_in_its_own_basis_is_read_in_that_basis() -> None:
+    """The random-init model's natural basis orders its axes by its own W_E: its probe must be
+    mapped back with its own encoder. The same probe in a permuted basis is the same baseline."""
+    from probe_sweep.probes import FitResult, LinearProbe
+    from probe_sweep.statistics import JobProbes, ProbeSet, StatisticsConfig, job_statistics
+
+    emb = embedding()
+    probe = noisy(emb, 0.3, 1)
+    order = torch.randperm(D, generator=torch.Generator().manual_seed(3))
+    permuted = torch.eye(D)[:, order]  # encoder: coordinates = h @ permuted
+
+    def fit(weight: torch.Tensor) -> FitResult:
+        return FitResult(LinearProbe(weight, torch.zeros(C), torch.zeros(D), 1.0))
+
+    cov = {"layer_0": covariance(D, 0)}
+    ours = ProbeSet({"layer_0": fit(probe)}, torch.eye(D), emb, cov)
+    theirs = ProbeSet({"layer_0": fit(probe @ permuted)}, permuted, emb, cov)
+    rows = [{"layer": 0, "probe": "layer_0", "top1": 1.0}]
+    job = JobProbes(ours, rows, emb, COORDINATE, random_init=theirs)
+    cfg = StatisticsConfig(n_permutations=20, n_bootstrap_types=20)
+    found = by_name(job_statistics(job, cfg, 0)["entries"])
+    for name in ("probe_embedding_cosine", "probe_embedding_cka"):
+        assert found[name]["baselines"]["random_init"]["difference"] == pytest.approx(0, abs=1e-9)

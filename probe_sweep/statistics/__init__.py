@@ -133,7 +133,8 @@ def probe_entries(
         baselines = {}
         if random is not None:
             theirs = random.fits[name].probe.weight.detach().double().cpu()
-            baselines["random_init"] = (theirs @ encoder.T, random.class_embeddings)
+            their_encoder = random.encoder.double().cpu()
+            baselines["random_init"] = (theirs @ their_encoder.T, random.class_embeddings)
         entries = similarity_entries(
             weight @ encoder.T, probes.class_embeddings, layer, baselines, cfg.n_permutations,
             cfg.n_bootstrap_types, cfg.subspace_dim, seed,
