@@ -522,7 +522,7 @@ def run_job(
 
     metrics = job_metrics(config, acts, split, fitted, statistics, basis.name, clock)
     metrics.update(job=job, config=resolved)
-    write_job_files(out_dir, metrics, fitted.fits, split.classes, basis.name)
+    write_job_files(out_dir, metrics, fitted.fits, split.classes, basis)
     checkpoint.discard()
     return metrics
 
@@ -604,11 +604,13 @@ def write_job_files(
     metrics: dict[str, Any],
     fits: dict[str, FitResult],
     classes: np.ndarray,
-    basis_name: str,
+    basis: Basis,
 ) -> None:
-    """Probe tensors, the accuracy plot, then metrics.json last (its presence marks a finished
-    job), then the tables in the log."""
-    tensors = {"classes": torch.from_numpy(classes)}
+    """Probe tensors (with the basis encoder, which maps them to natural coordinates), the
+    plots, then metrics.json last (its presence marks a finished job), then the tables."""
+    encoder, basis_name = basis.encoder, basis.name
+    assert encoder is not None
+    tensors = {"classes": torch.from_numpy(classes), "basis.encoder": encoder}
     for name, fit in fits.items():
         tensors.update({f"{name}.{k}": v for k, v in fit.probe.state_dict().items()})
         if fit.map_weight is not None:

@@ -29,9 +29,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from safetensors import safe_open
 
 from probe_sweep.tracking import plt, save_figure, temp_path
 
@@ -177,6 +179,70 @@ def plot_sweep(jobs: list[JobResult], path: Path, title: str) -> bool:
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(done) - 1) // 3), 1, 1))
     save_figure(fig, path, dpi=120)
     return True
+
+
+ROTATIONS = {"natural", "pca", "frequency", "random"}
+
+
+def _natural_weights(job: JobResult) -> dict[str, np.ndarray]:
+    """Each probe's weight in natural coordinates (weight @ encoder^T), from probes.safetensors."""
+    with safe_open(job.dir / "probes.safetensors", "np") as f:
+        if "basis.encoder" not in f.keys():
+            return {}
+        encoder = f.get_tensor("basis.encoder")
+        return {
+            key.removesuffix(".weight"): f.get_tensor(key) @ encoder.T
+            for key in f.keys()
+            if key.endswith(".weight")
+        }
+
+
+def equivariance_lines(jobs: list[JobResult]) -> list[str]:
+    """For jobs that differ only in an orthonormal basis, under l2 or no penalty and without
+    truncation, the optimum is the same probe rotated: the largest relative difference of the
+    weights in natural coordinates, and of top-1, from the natural basis's job (or the first)."""
+    groups: dict[str, list[JobResult]] = {}
+    for job in jobs:
+        config = dict((job.metrics or {}).get("config") or {})
+        basis = config.pop("basis", None) or {}
+        config.pop("tracker", None)
+        eligible = (
+            basis.get("kind") in ROTATIONS
+            and basis.get("top_k") is None
+            and basis.get("bottom_k") is None
+            and (config.get("reg") or {}).get("kind") in ("l2", "none")
+            and (config.get("probe") or {}).get("kind") == "softmax"
+        )
+        if eligible:
+            groups.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(job)
+    rows = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        kinds = [j.metrics["config"]["basis"]["kind"] for j in group]  # type: ignore[index]
+        reference = group[kinds.index("natural")] if "natural" in kinds else group[0]
+        ours = _natural_weights(reference)
+        top1 = {r["layer"]: r["top1"] for r in reference.metrics["layers"]}  # type: ignore[index]
+        for job in group:
+            if job is reference:
+                continue
+            theirs = _natural_weights(job)
+            shared = sorted(set(ours) & set(theirs))
+            if not shared:
+                continue
+            deviation = max(
+                float(np.linalg.norm(theirs[n] - ours[n]) / np.linalg.norm(ours[n])) for n in shared
+            )
+            d_top1 = max(
+                abs(r["top1"] - top1[r["layer"]])
+                for r in job.metrics["layers"]  # type: ignore[index]
+                if r["layer"] in top1
+            )
+            rows.append([job.label, reference.label, f"{deviation:.2e}", f"{d_top1:.4f}"])
+    if not rows:
+        return ["No two jobs differ only in an orthonormal basis (under l2 or no penalty)."]
+    header = ["job", "against", "largest relative weight difference", "largest |top-1 difference|"]
+    return _table(header, rows)
 
 
 def _interval_cell(value: Any, ci: Any) -> str:
@@ -340,6 +406,8 @@ def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> 
     else:
         lines.append("No finished job.")
 
+    lines += ["", "## Orthonormal bases under l2: the same probe up to rotation", ""]
+    lines += equivariance_lines(finished)
     lines += ["", "## Statistics by layer", ""]
     lines += statistics_sections(finished, sweep_dir)
 
