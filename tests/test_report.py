@@ -169,3 +169,32 @@ def test_multirun_gives_one_wandb_group_and_a_report(tmp_path: Path) -> None:
     assert "#0 reg.strength=0 " in text and "#1 reg.strength=0.001 " in text
     assert "wandb sync " + " ".join(i["run_dir"] for i in infos) in text
     png_size(sweep / report.PLOT)
+
+
+def test_report_checks_that_rotated_bases_give_the_rotated_probe(tmp_path: Path) -> None:
+    """Two jobs that differ only in an orthonormal basis: the report maps both probes to natural
+    coordinates with the saved encoder and prints their largest relative difference."""
+    import numpy as np
+    import torch
+
+    sweep = tmp_path / "sweep"
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    weight = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+    for num, (kind, encoder) in enumerate((("natural", torch.eye(8)), ("pca", q))):
+        job = sweep / f"{num}_basis={kind}"
+        hydra_files(job, [f"basis={kind}"])
+        metrics = fake_job(job, [0.9], basis=kind)
+        metrics["config"] = {
+            "basis": {"kind": kind},
+            "reg": {"kind": "l2"},
+            "probe": {"kind": "softmax"},
+        }
+        tracking.write_json(job / "metrics.json", metrics)
+        tensors = {"classes": torch.arange(12), "basis.encoder": encoder}
+        tensors["layer_0.weight"] = weight @ encoder  # the same probe, read in this basis
+        tracking.write_tensors(job / "probes.safetensors", tensors, {"basis": kind})
+    text = report.write_sweep_report(sweep).read_text()
+    lines = section(text, "## Orthonormal bases under l2")
+    row = next(line for line in lines.splitlines() if line.startswith("| #1 basis=pca |"))
+    deviation = float(row.split("|")[3])
+    assert deviation < 1e-5 and np.isfinite(deviation)
