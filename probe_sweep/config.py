@@ -57,6 +57,13 @@ def _check(ok: bool, message: str) -> None:
 def to_typed(cfg: DictConfig) -> Config:
     """The composed config as plain dataclasses, with value checks a type cannot express."""
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    allowed = {f.name for f in fields(Config)}
+    extra = sorted(set(cfg.keys()) - allowed)
+    _check(
+        not extra,
+        f"{extra[0] if extra else ''} is not a setting; the settings are: "
+        f"{', '.join(sorted(allowed))} (and the groups' own keys, e.g. probe.tol)",
+    )
     for group in fields(Config):
         node = cfg.get(group.name)
         if isinstance(node, DictConfig):

@@ -21,8 +21,9 @@ class LayerMode(Enum):
 
 @dataclass
 class LayersConfig:
-    """``each``: one probe per layer. ``pooled``: one probe on rows drawn from all layers in
-    equal shares, scored per layer. ``subset``: one probe per layer in ``indices``."""
+    """``each``: one probe per layer. ``pooled``: one probe on rows drawn in equal shares from
+    all layers, or from ``indices`` when given, scored per layer. ``subset``: one probe per
+    layer in ``indices``."""
 
     mode: LayerMode = LayerMode.each
     indices: list[int] = field(default_factory=list)
@@ -30,7 +31,12 @@ class LayersConfig:
 
 def resolve_layers(cfg: LayersConfig, n_layers: int) -> list[int]:
     """The hidden-state indices to extract (0..n_layers), checked against the model."""
-    if cfg.mode is not LayerMode.subset:
+    if cfg.mode is LayerMode.each and cfg.indices:
+        raise UserError(
+            "layers.indices is only read by layers=subset and layers=pooled; "
+            "use layers=subset 'layers.indices=[...]' to probe chosen layers"
+        )
+    if not cfg.indices and cfg.mode is not LayerMode.subset:
         return list(range(n_layers + 1))
     if not cfg.indices:
         raise UserError("layers=subset needs layers.indices=[...], e.g. layers.indices=[0,3,6]")

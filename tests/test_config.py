@@ -77,6 +77,8 @@ def test_unknown_key_is_refused() -> None:
         composed("probe.learning_rate=0.1")
     with pytest.raises(UserError, match="probe.learning_rate is not a setting; known probe"):
         to_typed(composed("+probe.learning_rate=0.1"))
+    with pytest.raises(UserError, match="foo is not a setting; the settings are: activations"):
+        to_typed(composed("+foo=1"))
 
 
 @pytest.mark.parametrize(

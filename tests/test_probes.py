@@ -105,3 +105,10 @@ def test_layer_selection_and_pooled_shares() -> None:
     assignment = pooled_assignment(700, list(range(7)), seed=0)
     assert np.bincount(assignment).tolist() == [100] * 7
     assert np.array_equal(assignment, pooled_assignment(700, list(range(7)), seed=0))
+
+
+def test_pooled_layers_follow_the_indices_and_each_refuses_them() -> None:
+    assert resolve_layers(LayersConfig(LayerMode.pooled, [2, 0]), 6) == [0, 2]
+    assert resolve_layers(LayersConfig(LayerMode.pooled), 2) == [0, 1, 2]
+    with pytest.raises(UserError, match="only read by layers=subset and layers=pooled"):
+        resolve_layers(LayersConfig(LayerMode.each, [1]), 6)
