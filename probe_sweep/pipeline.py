@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ def cache_activations(
     ``init_seed``: the seed of random weights (default: the job's seed)."""
     tokenizer = load_tokenizer(config.model)
     info = inspect_model(config.model, len(tokenizer))
+    warn_if_mislabelled(config.model.name, config.model.path)
     check_basis_config(config.basis, info.d_model)
     layers = resolve_layers(config.layers, info.n_layers)
     corpus = build_corpus(config.data, tokenizer, info.max_positions, config.seed)
@@ -94,6 +96,22 @@ def cache_activations(
     store = extract(model, corpus, layers, config.activations, device)
     embedding = model.embedding.float().cpu()
     return Activations(info, corpus, store, layers, embedding, model.unembedding, model.final_norm)
+
+
+def warn_if_mislabelled(name: str, path: str | None) -> None:
+    """``model.name`` is only a label: say so loudly when it does not match the weights' path
+    (``model.name=gpt2`` alone still loads the default model)."""
+
+    def norm(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    if path is not None and norm(name) not in norm(path):
+        log.warning(
+            "model.name=%s is only the label of these results; the weights come from "
+            "model.path=%s. To load another model choose model=<option> or set model.path",
+            name,
+            path,
+        )
 
 
 @dataclass
@@ -543,6 +561,7 @@ def job_metrics(
         "schema_version": tracking.SCHEMA_VERSION,
         "model": {
             "name": info.name,
+            "path": config.model.path,
             "model_type": info.model_type,
             "n_layers": info.n_layers,
             "d_model": info.d_model,

