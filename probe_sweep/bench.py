@@ -9,7 +9,8 @@ same data, and appends it (with the machine and the date) to BENCHMARKS.md.
 3. the ridge regularisation path (one decomposition, every strength scored on validation)
    against scikit-learn's ``RidgeCV`` with the same strengths: the time ratio;
 4. a 3-basis sweep (real ``python -m probe_sweep -m basis=...`` jobs) against one job;
-5. peak resident memory of a real job as the token budget doubles twice, each in a fresh process.
+5. peak resident memory of a real job as the token budget doubles twice, each in a fresh process;
+6. two real jobs at once on the same cores (each sized to its share) against one after the other.
 
 Timings on a shared machine are noisy: each of our timings is the median of ``--repeats`` runs,
 and every ratio compares numbers taken minutes apart in the same process.
@@ -107,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8_000,
         help="token budget B of section 5 (runs B, 2B, 4B)",
     )
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: 1,2,3,4,5")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: 1,2,3,4,5,6")
     p.add_argument("--output", default=str(REPO / "BENCHMARKS.md"), help="file to append to")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--work-dir", default=None, help="where caches and job dirs go (temp)")
@@ -570,6 +571,53 @@ def section_sweep(args: argparse.Namespace, work: Path, out: list[Row], notes: l
     )
 
 
+def section_contention(
+    args: argparse.Namespace, work: Path, out: list[Row], notes: list[str]
+) -> None:
+    """Two jobs at once on the same cores, each sized to its share (PROBE_SWEEP_THREADS, as the
+    local launcher's n_jobs would set), against the same two jobs one after the other."""
+    cores = os.cpu_count() or 1
+    common = [*job_args(args, args.token_budget), "statistics.enabled=false"]
+    env = job_env(work, "cache-contention")
+    run_job([*common, "hydra.run.dir=warm"], work, env)  # cache the activations first
+    sequential = sum(
+        run_job([*common, f"seed={i}", f"hydra.run.dir=seq-{i}"], work, env).seconds
+        for i in range(2)
+    )
+    shared = {**env, "PROBE_SWEEP_THREADS": str(max(1, cores // 2))}
+    start = time.perf_counter()
+    threads = [
+        threading.Thread(
+            target=run_job, args=([*common, f"seed={i}", f"hydra.run.dir=par-{i}"], work, shared)
+        )
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    together = time.perf_counter() - start
+    if len(list(work.glob("par-*/metrics.json"))) != 2:
+        raise RuntimeError("a job of the contention pair failed")
+    ratio = together / sequential
+    notes.append(
+        f"contention: two jobs one after the other {sequential:.1f} s, at once with "
+        f"{max(1, cores // 2)} thread(s) each on {cores} cores {together:.1f} s"
+    )
+    out.append(
+        Row(
+            "6 contention",
+            f"two jobs at once vs one after the other ({args.token_budget} tokens, cached "
+            "activations, statistics off): wall s",
+            f"{together:.1f}",
+            f"{sequential:.1f}",
+            f"{ratio:.2f}x",
+            "<= 1.2x",
+            _ok(ratio <= 1.2),
+        )
+    )
+
+
 def section_memory(args: argparse.Namespace, work: Path, out: list[Row], notes: list[str]) -> None:
     budgets = [args.memory_budget * 2**i for i in range(3)]
     runs = []
@@ -679,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
             section_sweep(args, work, rows, notes)
         if "5" not in skip:
             section_memory(args, work, rows, notes)
+        if "6" not in skip:
+            section_contention(args, work, rows, notes)
         del setup
     text = report(args, rows, notes, time.perf_counter() - started)
     print(text)

@@ -10,7 +10,14 @@ import pytest
 
 from tests.conftest import REPO, subprocess_timeout
 
-SECTIONS = ("1 extraction", "2 softmax probe", "3 ridge path", "4 sweep", "5 memory")
+SECTIONS = (
+    "1 extraction",
+    "2 softmax probe",
+    "3 ridge path",
+    "4 sweep",
+    "5 memory",
+    "6 contention",
+)
 
 
 @pytest.mark.e2e
