@@ -34,7 +34,7 @@ FAST = [
     "model=tiny",
     "data.token_budget=2000",
     "data.seq_len=64",
-    "probe.max_epochs=2",
+    "probe.tol=1e-2",
     "tracker.mode=disabled",
     "statistics.enabled=false",
 ]
@@ -139,10 +139,11 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
         "-m",
         *SLURM,
         *FAST,
-        # Seconds of fitting per probe, so the signal lands mid-job even on an idle node.
-        "data.token_budget=20000",
-        "probe.max_epochs=150",
-        "probe.patience=150",
+        # Seconds of fitting per probe, so the signal lands mid-job even on an idle node:
+        # 100k tokens of the large corpus, thousands of classes, to the default tolerance.
+        "data=sotu",
+        "data.token_budget=100000",
+        "probe.tol=1e-4",
         "layers=subset",
         "layers.indices=[0,1]",
         f"hydra.sweep.dir={sweep}",
@@ -157,7 +158,7 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
     try:
         deadline = time.monotonic() + subprocess_timeout()
         while time.monotonic() < deadline:
-            if list(sweep.glob("*/.fits/layer_0.pt")):
+            if list(sweep.glob("*/.fits/layer_0.safetensors")):
                 break
             assert proc.poll() is None, proc.communicate()[0]
             time.sleep(0.2)
