@@ -39,41 +39,59 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
+def ratio_cell(ratio: dict[str, Any]) -> str:
+    return (
+        f"{ci(ratio['observed'], ratio['ci'])}; p(greater) {ratio['p']:.3f}, "
+        f"p(less) {ratio['p_less']:.3f}"
+    )
+
+
 def layers_table(metrics: dict[str, Any]) -> str:
+    """Three tables: accuracy with its baselines, similarity to W_E against the random-init
+    model's probe, and weight mass against the activations."""
     found = entries(metrics)
-    rows = []
+    accuracy, similarity, mass = [], [], []
     for row in metrics["layers"]:
         layer = row["layer"]
-        cos = found[("probe_embedding_cosine", layer)]
-        cka = found[("probe_embedding_cka", layer)]
-        proc = found[("probe_embedding_procrustes", layer)]
-        ratio = found[("weight_to_variance_bottom_half", layer)]
-        rows.append(
+        accuracy.append(
             [
                 str(layer),
                 ci(row["top1"], row.get("top1_ci")),
                 ci(row.get("random_init_top1"), row.get("random_init_top1_ci")),
+                ci(row.get("top1_minus_random_init"), row.get("top1_minus_random_init_ci")),
+                ci(row.get("control_top1"), row.get("control_top1_ci")),
                 ci(row.get("selectivity"), row.get("selectivity_ci")),
-                ci(cos["observed"], cos["ci"]),
-                diff(cos, "random_init"),
-                ci(cka["observed"], cka["ci"]),
-                diff(cka, "random_init"),
-                ci(proc["observed"], proc["ci"]),
-                diff(proc, "random_init"),
-                shares(row),
-                f"{ci(ratio['observed'], ratio['ci'])}, p>={ratio['p']:.3f}, "
-                f"p<={ratio['p_less']:.3f}",
-                diff(ratio, "random_init"),
             ]
         )
-    header = [
-        "layer", "top-1", "random-init top-1", "selectivity", "cosine to W_E",
-        "random-init cosine (difference)", "CKA", "random-init CKA (difference)",
-        "Procrustes residual", "random-init residual (difference)",
-        "weight / variance share, bottom half", "ratio, p(greater), p(less)",
-        "random-init ratio (difference)",
-    ]  # fmt: skip
-    return table(header, rows)
+        cells = [str(layer)]
+        for name in ("probe_embedding_cosine", "probe_embedding_cka", "probe_embedding_procrustes"):
+            entry = found[(name, layer)]
+            cells += [ci(entry["observed"], entry["ci"]), diff(entry, "random_init")]
+        similarity.append(cells)
+        ratio = found[("weight_to_variance_bottom_half", layer)]
+        mass.append(
+            [str(layer), shares(row), ratio_cell(ratio), diff(ratio, "random_init"),
+             diff(ratio, "control_task")]
+        )  # fmt: skip
+    return "\n\n".join(
+        [
+            table(
+                ["layer", "top-1", "random-init top-1", "difference", "control-task top-1",
+                 "selectivity"],
+                accuracy,
+            ),
+            table(
+                ["layer", "cosine", "random-init (difference)", "CKA", "random-init (difference)",
+                 "Procrustes residual", "random-init (difference)"],
+                similarity,
+            ),
+            table(
+                ["layer", "weight / variance share of the bottom half", "ratio (same-kind null)",
+                 "random-init ratio (difference)", "control-task ratio (difference)"],
+                mass,
+            ),
+        ]
+    )  # fmt: skip
 
 
 def bases_table(sweep: Path) -> str:
@@ -95,8 +113,7 @@ def bases_table(sweep: Path) -> str:
                     str(row.get("converged")),
                     ci(cos["observed"], cos["ci"]),
                     shares(row),
-                    f"{ci(ratio['observed'], ratio['ci'])} ({ratio['null']}: p>={ratio['p']:.3f}, "
-                    f"p<={ratio['p_less']:.3f})",
+                    f"{ratio_cell(ratio)} ({ratio['null']})",
                 ]
             )
     header = ["basis", "layer", "top-1", "iterations", "converged", "cosine to W_E",
