@@ -337,10 +337,11 @@ def section_softmax(s: Setup, layers: list[int], out: list[Row]) -> None:
 
         t_sk, clf = timed(theirs, args.sk_repeats)
         x_train = torch.from_numpy(xs[TRAIN][keep]).double()
-        logits = x_train @ torch.from_numpy(clf.coef_).T + torch.from_numpy(clf.intercept_)
+        coef, intercept = torch.from_numpy(clf.coef_).double(), torch.from_numpy(clf.intercept_)
+        logits = x_train @ coef.T + intercept.double()
         target = torch.from_numpy(np.searchsorted(clf.classes_, y_train))
         sk_objective = torch.nn.functional.cross_entropy(logits, target).item()
-        sk_objective += args.strength * float((clf.coef_**2).sum())
+        sk_objective += args.strength * float(coef.pow(2).sum())
         ours_objective = float(conv["objective"])
         gap = (ours_objective - sk_objective) / abs(sk_objective)
         close = abs(gap) <= 1e-4
