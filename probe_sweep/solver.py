@@ -156,6 +156,8 @@ def _lbfgs(
     history: list[dict[str, float]],
     bar: tqdm,
 ) -> tuple[Params, int, int]:
+    """Full-batch L-BFGS (strong-Wolfe line search) from ``init`` until the largest gradient
+    entry is at most ``tolerance``; returns the parameters, iterations and evaluations."""
     weight = torch.nn.Parameter(init[0].clone())
     bias = torch.nn.Parameter(init[1].clone())
     optimiser = torch.optim.LBFGS(

@@ -97,3 +97,18 @@ def wait_for_line(
     else:
         why = f"the child exited before printing {expected!r}"
     raise AssertionError(why + ":\n" + "".join(seen))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny random-init GPT-2 on CPU and a small corpus, built once per test module."""
+    import torch
+
+    from probe_sweep.data import DataConfig, build_corpus
+    from probe_sweep.model import load_model, load_tokenizer
+    from tests.test_model import TINY as TINY_MODEL
+
+    tokenizer = load_tokenizer(TINY_MODEL)
+    model = load_model(TINY_MODEL, len(tokenizer), torch.device("cpu"), seed=0)
+    corpus = build_corpus(DataConfig(token_budget=1500, seq_len=32), tokenizer, 256, seed=0)
+    return model, corpus

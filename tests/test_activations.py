@@ -24,14 +24,6 @@ from tests.test_model import TINY
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = load_tokenizer(TINY)
-    model = load_model(TINY, len(tokenizer), CPU, seed=0)
-    corpus = build_corpus(DataConfig(token_budget=1500, seq_len=32), tokenizer, 256, seed=0)
-    return model, corpus
-
-
 def test_cache_holds_the_models_hidden_states(tiny, tmp_path: Path) -> None:
     model, corpus = tiny
     cfg = ActivationsConfig(cache_dir=str(tmp_path), dtype=CacheDtype.float32, batch_size=4)

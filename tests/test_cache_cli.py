@@ -13,23 +13,12 @@ import pytest
 import torch
 
 from probe_sweep.activations import ActivationsConfig, entry_lock, extract
-from probe_sweep.data import DataConfig, build_corpus
-from probe_sweep.model import load_model, load_tokenizer
 from tests.conftest import subprocess_timeout
 from tests.test_cache_integrity import flip_finite
-from tests.test_model import TINY
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
 DAY = 86_400
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = load_tokenizer(TINY)
-    model = load_model(TINY, len(tokenizer), CPU, seed=0)
-    corpus = build_corpus(DataConfig(token_budget=1500, seq_len=32), tokenizer, 256, seed=0)
-    return model, corpus
 
 
 def cache_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

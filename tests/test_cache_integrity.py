@@ -27,24 +27,13 @@ from probe_sweep.activations import (
     file_checksum,
     open_store,
 )
-from probe_sweep.data import DataConfig, build_corpus
 from probe_sweep.errors import UserError
-from probe_sweep.model import load_model, load_tokenizer
 from tests.conftest import TINY as TINY_ARGS
 from tests.conftest import run_cli, subprocess_timeout
-from tests.test_model import TINY
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
 LOGGER = "probe_sweep.activations"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = load_tokenizer(TINY)
-    model = load_model(TINY, len(tokenizer), CPU, seed=0)
-    corpus = build_corpus(DataConfig(token_budget=1500, seq_len=32), tokenizer, 256, seed=0)
-    return model, corpus
 
 
 def f32(tmp_path: Path) -> ActivationsConfig:
