@@ -35,13 +35,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from safetensors import safe_open
 
-from probe_sweep.tracking import plt, save_figure, temp_path
+from probe_sweep.tracking import plot_accuracy_vs_k, plt, save_figure, temp_path
 
 log = logging.getLogger("probe_sweep.report")
 
 REPORT = "report.md"
 PLOT = "report_accuracy_by_layer.png"
 CSV = "report_layers.csv"
+K_PLOT = "report_accuracy_vs_k.png"
 
 
 @dataclass
@@ -406,6 +407,14 @@ def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> 
     else:
         lines.append("No finished job.")
 
+    k_points = {
+        job.label: job.metrics["statistics"]["accuracy_vs_k"]  # type: ignore[index]
+        for job in finished
+        if ((job.metrics or {}).get("statistics") or {}).get("accuracy_vs_k")
+    }
+    if k_points:
+        plot_accuracy_vs_k(k_points, sweep_dir / K_PLOT, f"{where}: top-1 against k, per job")
+        lines += ["", "## Accuracy against k", "", f"![top-1 against k, per job]({K_PLOT})"]
     lines += ["", "## Orthonormal bases under l2: the same probe up to rotation", ""]
     lines += equivariance_lines(finished)
     lines += ["", "## Statistics by layer", ""]

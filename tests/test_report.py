@@ -198,3 +198,23 @@ def test_report_checks_that_rotated_bases_give_the_rotated_probe(tmp_path: Path)
     row = next(line for line in lines.splitlines() if line.startswith("| #1 basis=pca |"))
     deviation = float(row.split("|")[3])
     assert deviation < 1e-5 and np.isfinite(deviation)
+
+
+def test_report_draws_accuracy_against_k_for_every_job_that_has_it(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    job = sweep / "0_basis=pca"
+    hydra_files(job, ["basis=pca"])
+    metrics = fake_job(job, [0.9, 0.8])
+    points = [
+        {"layer": layer, "k": k, "kind": kind, "seed": seed, "top1": 0.5 + k / 100,
+         "top1_ci": [0.45 + k / 100, 0.55 + k / 100], "converged": True}
+        for layer in (0, 1)
+        for k in (4, 8)
+        for kind, seed in (("top", None), ("bottom", None), ("random", 0), ("random", 1))
+    ]  # fmt: skip
+    metrics["statistics"] = {"entries": [], "accuracy_vs_k": points}
+    tracking.write_json(job / "metrics.json", metrics)
+    text = report.write_sweep_report(sweep).read_text()
+    assert f"]({report.K_PLOT})" in section(text, "## Accuracy against k")
+    width, height = png_size(sweep / report.K_PLOT)
+    assert width > 600 and height > 300
