@@ -130,24 +130,17 @@ def test_a_failing_job_leaves_the_others_complete_and_a_rerun_skips_finished_job
 def test_a_crash_outside_user_errors_is_recorded_too(tmp_path: Path) -> None:
     """Any exception in a multirun job becomes failed.json with its class, not a dead sweep."""
     sweep = tmp_path / "sweep"
-    # A file where the activation cache directory should be: extraction raises an OSError.
-    (tmp_path / "not_a_dir").write_text("")
+    # 64-wide blocks cannot have 3 heads: transformers raises a ValueError building the model
+    # (a cache dir that is a file used to be the example; it is a one-line UserError now).
     proc = run_cli(
-        [
-            "-m",
-            *FAST,
-            "reg.strength=0",
-            f"activations.cache_dir={tmp_path / 'not_a_dir'}",
-            f"hydra.sweep.dir={sweep}",
-        ],
+        ["-m", *FAST, "reg.strength=0", "model.architecture.n_head=3", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
         check=False,
     )
     assert proc.returncode == 1, proc.stderr
     (failed_path,) = sweep.glob("*/failed.json")
-    assert "cache_dir" not in failed_path.parent.name, "a path named the job dir"
     failed = json.loads(failed_path.read_text())
-    assert failed["type"] in ("FileExistsError", "NotADirectoryError", "OSError"), failed
+    assert failed["type"] == "ValueError", failed
     assert "\n" not in failed["error"]
 
 
