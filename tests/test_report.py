@@ -165,7 +165,7 @@ def test_multirun_gives_one_wandb_group_and_a_report(tmp_path: Path) -> None:
     assert runs[1].config["reg"]["strength"] == 0.001
 
     text = (sweep / "report.md").read_text()
-    assert "2 jobs: 2 finished, 0 failed, 0 skipped, 0 incomplete" in text
+    assert "2 jobs: 2 finished, 0 failed, 0 skipped, 0 pruned, 0 incomplete" in text
     assert "#0 reg.strength=0 " in text and "#1 reg.strength=0.001 " in text
     assert "wandb sync " + " ".join(i["run_dir"] for i in infos) in text
     png_size(sweep / report.PLOT)
