@@ -228,6 +228,7 @@ def _metrics(root: Path) -> list[dict]:
 def test_every_basis_reports_statistics_with_intervals_and_baselines(tmp_path: Path) -> None:
     bases = "natural,pca,nmf,frequency,random,dictionary"
     args = ["-m", *TINY, f"basis={bases}", "layers=subset", "layers.indices=[0,2]"]
+    args += ["statistics.n_permutations=50", "statistics.n_bootstrap_types=20"]
     proc = run_cli([*args, "basis.max_iter=20", "hydra.sweep.dir=sweep"], cwd=tmp_path)
     jobs = _metrics(tmp_path / "sweep")
     assert sorted(m["probe"]["basis"] for m in jobs) == sorted(bases.split(","))
@@ -247,7 +248,10 @@ def test_every_basis_reports_statistics_with_intervals_and_baselines(tmp_path: P
         for key in ("top1_ci", "selectivity_ci", "random_init_top1", "lens_input_top1"):
             assert key in row, key
         assert row["top1_ci"][0] <= row["top1"] <= row["top1_ci"][1]
-        assert all(fit["converged"] for fit in m["fits"].values())
+        converged = [fit["converged"] for fit in m["fits"].values()]
+        if m["probe"]["basis"] in ("natural", "pca", "frequency", "random"):
+            assert all(converged), m["probe"]["basis"]
+        assert m["probe"]["all_converged"] == all(converged)  # NMF/dictionary may not: said so
     dictionary = next(m for m in jobs if m["probe"]["basis"] == "dictionary")
     assert dictionary["statistics"]["basis"]["size"] == 128
 
