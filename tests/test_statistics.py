@@ -229,6 +229,7 @@ def test_every_basis_reports_statistics_with_intervals_and_baselines(tmp_path: P
     bases = "natural,pca,nmf,frequency,random,dictionary"
     args = ["-m", *TINY, f"basis={bases}", "layers=subset", "layers.indices=[0,2]"]
     args += ["statistics.n_permutations=50", "statistics.n_bootstrap_types=20"]
+    args += ["statistics.random_init_baseline=true"]
     proc = run_cli([*args, "basis.max_iter=20", "hydra.sweep.dir=sweep"], cwd=tmp_path)
     jobs = _metrics(tmp_path / "sweep")
     assert sorted(m["probe"]["basis"] for m in jobs) == sorted(bases.split(","))
@@ -259,7 +260,6 @@ def test_every_basis_reports_statistics_with_intervals_and_baselines(tmp_path: P
 @pytest.mark.e2e
 def test_top_k_truncation_and_same_seed_same_numbers(tmp_path: Path) -> None:
     args = [*TINY, "basis=pca", "basis.top_k=8", "layers=subset", "layers.indices=[0]"]
-    args += ["statistics.random_init_baseline=false"]
     run_cli([*args, "hydra.run.dir=a"], cwd=tmp_path)
     run_cli([*args, "hydra.run.dir=b"], cwd=tmp_path)
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
@@ -272,7 +272,7 @@ def test_top_k_truncation_and_same_seed_same_numbers(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_control_task_and_probe_on_the_models_own_guess(tmp_path: Path) -> None:
     args = [*TINY, "layers=subset", "layers.indices=[0,2]", "statistics.lens_probe=true"]
-    run_cli([*args, "statistics.random_init_baseline=false", "hydra.run.dir=out"], cwd=tmp_path)
+    run_cli([*args, "hydra.run.dir=out"], cwd=tmp_path)
     rows = json.loads((tmp_path / "out" / "metrics.json").read_text())["layers"]
     for row in rows:
         assert 0 <= row["control_top1"] <= 1
