@@ -242,7 +242,12 @@ def equivariance_lines(jobs: list[JobResult]) -> list[str]:
             rows.append([job.label, reference.label, f"{deviation:.2e}", f"{d_top1:.4f}"])
     if not rows:
         return ["No two jobs differ only in an orthonormal basis (under l2 or no penalty)."]
-    header = ["job", "against", "largest relative weight difference", "largest |top-1 difference|"]
+    header = [
+        "job",
+        "against",
+        "largest relative weight difference",
+        "largest top-1 difference (absolute)",
+    ]
     return _table(header, rows)
 
 

@@ -111,24 +111,31 @@ def plot_accuracy_vs_k(points: dict[str, list[dict[str, Any]]], path: Path, titl
     label (a job; "" for one) -> the ``accuracy_vs_k`` records."""
     layers = sorted({p["layer"] for pts in points.values() for p in pts})
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False)
+    single = len(points) == 1
     for ax, layer in zip(axes[0], layers, strict=True):
         for i, (label, pts) in enumerate(points.items()):
-            color = plt.get_cmap("tab10")(i % 10)
+            job_color = plt.get_cmap("tab10")(i % 10)
             here = [p for p in pts if p["layer"] == layer]
-            for kind, style in (("top", "-o"), ("bottom", "--s")):
+            for kind, style, kind_color in (("top", "-o", "C0"), ("bottom", "--s", "C3")):
+                color = kind_color if single else job_color
                 line = sorted((p for p in here if p["kind"] == kind), key=lambda p: p["k"])
                 values = [p["top1"] for p in line]
                 bars = _error_bars(values, [p["top1_ci"] for p in line])
                 name = f"{label} {kind}-k".strip()
                 ax.errorbar([p["k"] for p in line], values, yerr=bars, fmt=style, color=color,
-                            ms=3, capsize=2, label=name)  # fmt: skip
+                            ms=4, capsize=3, label=name)  # fmt: skip
             ks = sorted({p["k"] for p in here if p["kind"] == "random"})
             draws = [[p["top1"] for p in here if p["kind"] == "random" and p["k"] == k] for k in ks]
             if ks:
-                band = f"{label} random-k (seeds)".strip()
+                color = "gray" if single else job_color
+                band = f"{label} random-k (mean, range over seeds)".strip()
+                means = [sum(d) / len(d) for d in draws]
                 low, high = [min(d) for d in draws], [max(d) for d in draws]
-                ax.fill_between(ks, low, high, color=color, alpha=0.2, label=band)
-                ax.plot(ks, [sum(d) / len(d) for d in draws], ":", color=color)
+                spread = [[m - lo for m, lo in zip(means, low, strict=True)],
+                          [hi - m for m, hi in zip(means, high, strict=True)]]  # fmt: skip
+                ax.fill_between(ks, low, high, color=color, alpha=0.2)
+                ax.errorbar(ks, means, yerr=spread, fmt=":D", color=color, ms=4, capsize=6,
+                            label=band)  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("k directions")
         ax.set_title(f"layer {layer}", fontsize=9)
