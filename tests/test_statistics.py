@@ -237,7 +237,7 @@ def test_every_basis_reports_statistics_with_intervals_and_baselines(tmp_path: P
     for m in jobs:
         found = {(e["name"], e["layer"]): e for e in m["statistics"]["entries"]}
         cosine = found[("probe_embedding_cosine", 0)]
-        assert ENTRY_KEYS <= set(cosine) and cosine["p"] < 0.01
+        assert ENTRY_KEYS <= set(cosine) and cosine["p"] == cosine["p_floor"]  # no shuffle beats it
         assert "random_init" in cosine["baselines"]
         ratio = found[("weight_to_variance_bottom_half", 0)]
         expected = (
