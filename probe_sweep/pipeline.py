@@ -33,9 +33,7 @@ from probe_sweep.model import ModelInfo, inspect_model, load_model, load_tokeniz
 from probe_sweep.probes import (
     ClassSet,
     FitResult,
-    LinearProbe,
     ProbeKind,
-    RidgePath,
     class_index,
     fit_ridge_probe,
     fit_softmax_probe,
@@ -74,6 +72,11 @@ class Activations:
     embedding: torch.Tensor  # W_E (V x d), float32, CPU
     unembedding: torch.Tensor | None
     final_norm: torch.nn.Module | None
+
+    @property
+    def final_layer(self) -> int | None:
+        """The last block's output, if extracted: HF has already applied the final norm."""
+        return self.info.n_layers if self.info.n_layers in self.layers else None
 
 
 def cache_activations(
@@ -209,21 +212,17 @@ class ProbeTask:
 
 
 def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
-    """The configured probe at the configured strength. A softmax probe over token classes is
-    offered the closed-form ridge probe as a warm start (one eigendecomposition, cheaper than
-    one pass of the solver), used where it beats the zero probe."""
-    embeddings = task.class_embeddings
+    """The configured probe at the configured strength. A softmax probe starts from zero: the
+    closed-form ridge probe, offered as a warm start, had a higher objective than zero in every
+    MiniLM fit measured (it cost a standardised copy of the rows and an eigendecomposition)."""
     if config.probe.kind is ProbeKind.ridge:
-        assert embeddings is not None
+        assert task.class_embeddings is not None
         return fit_ridge_probe(
-            task.x_train, task.y_train, embeddings, config.reg, (task.x_val, task.y_val),
-            config.probe.path_strengths,
+            task.x_train, task.y_train, task.class_embeddings, config.reg,
+            (task.x_val, task.y_val), config.probe.path_strengths,
         )  # fmt: skip
-    init: LinearProbe | None = None
-    if embeddings is not None:
-        init = RidgePath(task.x_train, task.y_train, embeddings).fit(config.reg.strength).probe
     return fit_softmax_probe(
-        task.x_train, task.y_train, task.n_classes, config.reg, config.probe, init, desc
+        task.x_train, task.y_train, task.n_classes, config.reg, config.probe, desc=desc
     )
 
 
@@ -403,13 +402,12 @@ def lens_inputs(acts: Activations, split: Split, n_rows: int) -> pstats.LensInpu
     if acts.unembedding is None:
         return None
     rows = split.rows[TEST][:n_rows]
-    final = acts.info.n_layers if acts.info.n_layers in acts.layers else None
     return pstats.LensInputs(
         hidden={layer: read_rows(acts.store, layer, rows) for layer in acts.layers},
         targets=torch.from_numpy(split.targets[rows]),
         unembedding=acts.unembedding,
         final_norm=acts.final_norm,
-        final_layer=final,
+        final_layer=acts.final_layer,
     )
 
 
@@ -425,7 +423,7 @@ def lens_probe_scores(
     assert acts.unembedding is not None
     split, device = scorer.inputs.split, scorer.inputs.device
     columns = torch.from_numpy(split.classes).to(device)
-    final = acts.info.n_layers if acts.info.n_layers in acts.layers else None
+    final = acts.final_layer
     for row in fitted.rows:
         layer = row["layer"]
 
