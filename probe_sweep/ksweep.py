@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from probe_sweep.probes import ProbeConfig, RegConfig, fit_softmax_probe, token_scores
+from probe_sweep.rows import Rows
 from probe_sweep.statistics.bootstrap import SequenceBootstrap
 from probe_sweep.statistics.nulls import interval
 from probe_sweep.statistics.weight_mass import COORDINATE, coordinate_subsets, haar_frames
@@ -42,10 +43,8 @@ def project(x: torch.Tensor, projection: Any) -> torch.Tensor:
 
 
 def accuracy_against_k(
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
+    train: Rows,
+    test: Rows,
     n_classes: int,
     ks: list[int],
     null_kind: str,
@@ -59,14 +58,15 @@ def accuracy_against_k(
     """Held-out top-1 (with its sequence-bootstrap interval) of a softmax probe fitted on k
     directions, for every k, kind and seed."""
     rows = []
-    size = x_train.shape[1]
+    size = train.d
     for k in sorted(k for k in ks if 0 < k <= size):
         for kind, draw, projection in projections(size, k, null_kind, seeds, seed):
             fit = fit_softmax_probe(
-                project(x_train, projection), y_train, n_classes, reg, probe,
+                train.map(lambda x, p=projection: project(x, p), k), n_classes, reg, probe,
                 desc=f"layer {layer} {kind}-{k}",
             )  # fmt: skip
-            correct = token_scores(fit.probe, project(x_test, projection), y_test)["correct1"]
+            on_k = test.map(lambda x, p=projection: project(x, p), k)
+            correct = token_scores(fit.probe, on_k)["correct1"]
             rows.append(
                 {
                     "layer": layer,

@@ -20,28 +20,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe_sweep import jobs, tracking
+from probe_sweep import files, jobs, plots, tables
 from probe_sweep import statistics as pstats
 from probe_sweep.activations import ActivationStore, extract
 from probe_sweep.bases import Basis, build_basis, check_basis_config
 from probe_sweep.config import Config
 from probe_sweep.data import TEST, TRAIN, VAL, Corpus, build_corpus
 from probe_sweep.errors import UserError
+from probe_sweep.inputs import Inputs, Split, read_rows, split_labels
 from probe_sweep.ksweep import accuracy_against_k
 from probe_sweep.layers import LayerMode, pooled_assignment, resolve_layers
 from probe_sweep.model import ModelInfo, inspect_model, load_model, load_tokenizer
 from probe_sweep.probes import (
-    ClassSet,
     FitResult,
     ProbeKind,
-    class_index,
     fit_ridge_probe,
     fit_softmax_probe,
-    frequent_types,
     score_probe,
+    standardisation,
     summarise,
     token_scores,
 )
+from probe_sweep.rows import Rows
 from probe_sweep.statistics.bootstrap import SequenceBootstrap
 from probe_sweep.statistics.nulls import interval
 
@@ -117,72 +117,6 @@ def warn_if_mislabelled(name: str, path: str | None) -> None:
         )
 
 
-@dataclass
-class Split:
-    """Row indices, labels (class positions, -1 outside the class set) and the frequent-type
-    mask of each part (TRAIN, VAL, TEST) of the corpus."""
-
-    rows: dict[int, np.ndarray]
-    targets: np.ndarray  # token id of every corpus position
-    classes: np.ndarray  # token id of every class
-    labels: dict[int, torch.Tensor]
-    frequent: dict[int, torch.Tensor]
-    sequences: dict[int, np.ndarray]  # sequence id of every row: intervals resample these
-    n_train_types: int
-    n_frequent_types: int
-
-
-def split_labels(
-    corpus: Corpus, probe_classes: ClassSet, vocab_size: int, device: torch.device
-) -> Split:
-    """Labels of every part; the classes are the types seen in training, or the vocabulary."""
-    targets = corpus.targets.reshape(-1)
-    rows = {part: corpus.rows(part) for part in (TRAIN, VAL, TEST)}
-    train_tokens = targets[rows[TRAIN]]
-    seen = np.unique(train_tokens)
-    classes = seen if probe_classes is ClassSet.seen else np.arange(vocab_size)
-    lookup = class_index(classes, vocab_size)
-    frequent_set = frequent_types(train_tokens)
-
-    def on_device(values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(values).to(device)
-
-    return Split(
-        rows=rows,
-        targets=targets,
-        classes=classes,
-        labels={p: on_device(lookup[targets[r]]) for p, r in rows.items()},
-        frequent={p: on_device(np.isin(targets[r], frequent_set)) for p, r in rows.items()},
-        sequences={p: r // corpus.targets.shape[1] for p, r in rows.items()},
-        n_train_types=len(seen),
-        n_frequent_types=len(frequent_set),
-    )
-
-
-def read_rows(store: ActivationStore, layer: int, rows: np.ndarray) -> torch.Tensor:
-    """Cached hidden states of ``rows`` at ``layer``, natural coordinates, float32, on the CPU."""
-    return torch.from_numpy(np.asarray(store.layer(layer)[rows], np.float32))
-
-
-@dataclass
-class Inputs:
-    """Probe inputs: hidden states of a part's rows at given layers, in basis coordinates."""
-
-    store: ActivationStore
-    basis: Basis
-    split: Split
-    device: torch.device
-
-    def __call__(self, part: int, layer_of_row: np.ndarray | int) -> torch.Tensor:
-        rows = self.split.rows[part]
-        row_layers = np.broadcast_to(np.asarray(layer_of_row), rows.shape)
-        out = torch.empty(len(rows), self.store.meta["d_model"], dtype=torch.float32)
-        for layer in np.unique(row_layers):
-            pick = np.flatnonzero(row_layers == layer)
-            out[pick] = read_rows(self.store, int(layer), rows[pick])
-        return self.basis.coordinates(out.to(self.device))
-
-
 def prepare_inputs(
     config: Config, device: torch.device, init_seed: int | None = None
 ) -> tuple[Activations, Scorer]:
@@ -201,29 +135,24 @@ def prepare_inputs(
 
 @dataclass
 class ProbeTask:
-    """What one probe is fitted to: inputs and labels of the training and validation parts."""
+    """What one probe is fitted to: the training and validation rows."""
 
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
+    train: Rows
+    val: Rows
     n_classes: int
-    class_embeddings: torch.Tensor | None = None  # W_E rows of the classes: ridge and warm start
+    class_embeddings: torch.Tensor | None = None  # W_E rows of the classes: the ridge target
 
 
 def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
     """The configured probe at the configured strength. A softmax probe starts from zero: the
     closed-form ridge probe, offered as a warm start, had a higher objective than zero in every
-    MiniLM fit measured (it cost a standardised copy of the rows and an eigendecomposition)."""
+    MiniLM fit measured."""
     if config.probe.kind is ProbeKind.ridge:
         assert task.class_embeddings is not None
         return fit_ridge_probe(
-            task.x_train, task.y_train, task.class_embeddings, config.reg,
-            (task.x_val, task.y_val), config.probe.path_strengths,
-        )  # fmt: skip
-    return fit_softmax_probe(
-        task.x_train, task.y_train, task.n_classes, config.reg, config.probe, desc=desc
-    )
+            task.train, task.class_embeddings, config.reg, task.val, config.probe.path_strengths
+        )
+    return fit_softmax_probe(task.train, task.n_classes, config.reg, config.probe, desc=desc)
 
 
 def log_fit(name: str, fit: FitResult) -> None:
@@ -259,8 +188,10 @@ class Scorer:
         split, inputs = self.inputs.split, self.inputs
         labels = split.labels if labels is None else labels
         frequent = split.frequent[TEST].cpu().numpy()
-        tokens = token_scores(fit.probe, inputs(TEST, layer), labels[TEST])
-        val = score_probe(fit.probe, inputs(VAL, layer), labels[VAL], split.frequent[VAL])
+        tokens = token_scores(fit.probe, inputs(TEST, layer).with_labels(labels[TEST]))
+        val = score_probe(
+            fit.probe, inputs(VAL, layer).with_labels(labels[VAL]), split.frequent[VAL]
+        )
         row = {"layer": layer, "probe": name, **summarise(tokens, frequent, self.bootstrap)}
         row.update(val_nll=val["nll"], val_top1=val["top1"])
         conv = fit.convergence
@@ -289,7 +220,7 @@ def fit_identity_probes(
 ) -> Fitted:
     """One probe per layer (or one pooled probe scored at every layer) for the input token."""
     inputs, split = scorer.inputs, scorer.inputs.split
-    labels, n_classes = split.labels, len(split.classes)
+    n_classes = len(split.classes)
     if config.layers.mode is LayerMode.pooled:
         pooled = pooled_assignment(len(split.rows[TRAIN]), layers, config.seed)
         val = pooled_assignment(len(split.rows[VAL]), layers, config.seed + 1)
@@ -302,8 +233,8 @@ def fit_identity_probes(
     fits: dict[str, FitResult] = {}
     for name in dict.fromkeys(names.values()):
         task = ProbeTask(
-            inputs(TRAIN, train_layers[name]), labels[TRAIN], inputs(VAL, val_layers[name]),
-            labels[VAL], n_classes, class_embeddings,
+            inputs(TRAIN, train_layers[name]), inputs(VAL, val_layers[name]), n_classes,
+            class_embeddings,
         )  # fmt: skip
         fits[name] = checkpoint.get_or_fit(
             prefix + name, lambda task=task, name=name: fit_probe(config, task, prefix + name)
@@ -319,16 +250,16 @@ def fit_identity_probes(
 
 
 def input_covariances(inputs: Inputs, fitted: Fitted) -> dict[str, torch.Tensor]:
-    """Covariance (k, k) of each probe's training inputs, in chunks of rows."""
+    """Covariance (k, k) of each probe's training inputs, streamed in chunks of rows."""
     out = {}
     for name, layers in fitted.train_layers.items():
-        x = inputs(TRAIN, layers).double()
-        mean = x.mean(0)
-        cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-        for start in range(0, len(x), 65536):
-            centred = x[start : start + 65536] - mean
-            cov += centred.T @ centred
-        out[name] = (cov / max(len(x) - 1, 1)).cpu()
+        rows = inputs(TRAIN, layers)
+        mean = standardisation(rows)[0].double()
+        cov = torch.zeros(rows.d, rows.d, dtype=torch.float64, device=mean.device)
+        for x, _ in rows.chunks(65536):
+            centred = x.double() - mean.to(x.device)
+            cov = cov.to(x.device) + centred.T @ centred
+        out[name] = (cov / max(len(rows) - 1, 1)).cpu()
     return out
 
 
@@ -354,8 +285,8 @@ def control_probes(
         fit = checkpoint.get_or_fit(
             name,
             lambda layer=layer: fit_softmax_probe(
-                inputs(TRAIN, layer), labels[TRAIN], n_labels, config.reg, config.probe,
-                desc=f"layer {layer} control probe",
+                inputs(TRAIN, layer).with_labels(labels[TRAIN]), n_labels, config.reg,
+                config.probe, desc=f"layer {layer} control probe",
             ),
         )  # fmt: skip
         log_fit(name, fit)
@@ -421,32 +352,32 @@ def lens_probe_scores(
     """The identity probe fed the model's own guess instead of the hidden state: the logit-lens
     log-probabilities of the classes (is identity in what the model predicts?)."""
     assert acts.unembedding is not None
-    split, device = scorer.inputs.split, scorer.inputs.device
-    columns = torch.from_numpy(split.classes).to(device)
-    final = acts.final_layer
+    inputs, split = scorer.inputs, scorer.inputs.split
+    columns = torch.from_numpy(split.classes).to(inputs.device)
     for row in fitted.rows:
         layer = row["layer"]
 
-        def guess(part: int, layer: int = layer) -> torch.Tensor:
-            chunks = []
-            for start in range(0, len(split.rows[part]), 4096):
-                hidden = read_rows(acts.store, layer, split.rows[part][start : start + 4096])
-                logits = pstats.lens_logits(
-                    hidden.to(device), acts.unembedding, acts.final_norm, layer != final
+        def guess(part: int, layer: int = layer) -> Rows:
+            """Log-probabilities of the classes under the logit lens, computed chunk by chunk."""
+
+            def read_out(hidden: torch.Tensor) -> torch.Tensor:
+                lens = pstats.lens_logits(
+                    hidden, acts.unembedding, acts.final_norm, layer != acts.final_layer
                 )
-                chunks.append(logits.log_softmax(-1)[:, columns])
-            return torch.cat(chunks)
+                return lens.log_softmax(-1)[:, columns]
+
+            return inputs.natural(part, layer).map(read_out, len(columns))
 
         name = f"lens_layer_{layer}"
         fit = checkpoint.get_or_fit(
             name,
             lambda guess=guess, layer=layer: fit_softmax_probe(
-                guess(TRAIN), split.labels[TRAIN], len(columns), config.reg, config.probe,
+                guess(TRAIN), len(columns), config.reg, config.probe,
                 desc=f"layer {layer} logit-lens probe",
             ),
         )  # fmt: skip
         log_fit(name, fit)
-        tokens = token_scores(fit.probe, guess(TEST), split.labels[TEST])
+        tokens = token_scores(fit.probe, guess(TEST))
         draws = scorer.bootstrap.draws(fitted.correct[layer])
         draws -= scorer.bootstrap.draws(tokens["correct1"])
         row["lens_probe_top1"] = float(tokens["correct1"].mean())
@@ -497,8 +428,8 @@ def measure(
             point
             for row in fitted.rows
             for point in accuracy_against_k(
-                inputs(TRAIN, row["layer"]), split.labels[TRAIN], inputs(TEST, row["layer"]),
-                split.labels[TEST], len(split.classes), stats_cfg.k_sweep, inputs.basis.null_kind,
+                inputs(TRAIN, row["layer"]), inputs(TEST, row["layer"]),
+                len(split.classes), stats_cfg.k_sweep, inputs.basis.null_kind,
                 stats_cfg.k_seeds, config.reg, config.probe, scorer.bootstrap, row["layer"],
                 config.seed,
             )
@@ -556,7 +487,7 @@ def job_metrics(
     info, rows = acts.info, split.rows
     converged = [bool(f.convergence.get("converged", True)) for f in fitted.fits.values()]
     return {
-        "schema_version": tracking.SCHEMA_VERSION,
+        "schema_version": jobs.SCHEMA_VERSION,
         "model": {
             "name": info.name,
             "path": config.model.path,
@@ -632,18 +563,18 @@ def write_job_files(
         tensors.update({f"{name}.{k}": v for k, v in fit.probe.state_dict().items()})
         if fit.map_weight is not None:
             tensors[f"{name}.map_weight"] = fit.map_weight
-    tracking.write_tensors(out_dir / "probes.safetensors", tensors, {"basis": basis_name})
+    files.write_tensors(out_dir / "probes.safetensors", tensors, {"basis": basis_name})
     probe, rows = metrics["probe"], metrics["layers"]
     title = (
         f"{metrics['model']['name']}: {probe['kind']} probe ({probe['layers']} layer), "
         f"{basis_name} basis, {probe['reg']} {probe['strength']:g}"
     )
-    tracking.plot_accuracy_by_layer(rows, out_dir / "accuracy_by_layer.png", title)
+    plots.plot_accuracy_by_layer(rows, out_dir / "accuracy_by_layer.png", title)
     if metrics["statistics"].get("accuracy_vs_k"):
         points = metrics["statistics"]["accuracy_vs_k"]
-        tracking.plot_accuracy_vs_k({"": points}, out_dir / "accuracy_vs_k.png", title)
-    tracking.write_json(out_dir / jobs.METRICS, metrics)
-    log.info("Held-out scores (%s):\n%s", out_dir, tracking.format_table(rows))
+        plots.plot_accuracy_vs_k({"": points}, out_dir / "accuracy_vs_k.png", title)
+    files.write_json(out_dir / jobs.METRICS, metrics)
+    log.info("Held-out scores (%s):\n%s", out_dir, tables.format_table(rows))
     statistics = metrics["statistics"]
     if statistics.get("entries"):
         log.info("Statistics (nulls):\n%s", pstats.format_entries(statistics["entries"]))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from probe_sweep import solver
 from probe_sweep.errors import UserError
+from probe_sweep.rows import Rows
 
 
 class ProbeKind(Enum):
@@ -116,30 +117,23 @@ def frequent_types(train_tokens: np.ndarray, mass: float = 0.5) -> np.ndarray:
     return types[order[: int(np.searchsorted(covered, mass)) + 1]]
 
 
-def standardisation(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, float]:
-    """Mean row and one scalar scale (root mean square of the centred coordinates), in
-    chunks, so no centred copy of ``x`` is made."""
-    mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, len(x), chunk):
-        mean += x[start : start + chunk].double().sum(0)
-    mean = (mean / max(len(x), 1)).to(x.dtype)
-    total = sum(
-        (x[start : start + chunk] - mean).pow(2).double().sum().item()
-        for start in range(0, len(x), chunk)
+def standardisation(rows: Rows, chunk: int = 65536) -> tuple[torch.Tensor, float]:
+    """Mean row and one scalar scale (root mean square of the centred coordinates), streamed
+    in chunks: two passes, no centred copy."""
+    total, dtype = torch.zeros(rows.d, dtype=torch.float64), torch.float32
+    for x, _ in rows.chunks(chunk):
+        total, dtype = total.to(x.device) + x.double().sum(0), x.dtype
+    mean = (total / max(len(rows), 1)).to(dtype)
+    square = sum(
+        (x.to(dtype) - mean.to(x.device)).pow(2).double().sum().item()
+        for x, _ in rows.chunks(chunk)
     )
-    scale = math.sqrt(total / max(len(x) * x.shape[1], 1))
+    scale = math.sqrt(square / max(len(rows) * rows.d, 1))
     return mean, max(scale, 1e-8)
 
 
-def _keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows whose label is a class; no copy when all are."""
-    keep = y >= 0
-    return (x, y) if bool(keep.all()) else (x[keep], y[keep])
-
-
 def fit_softmax_probe(
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
+    rows: Rows,
     n_classes: int,
     reg: RegConfig,
     cfg: ProbeConfig,
@@ -148,29 +142,27 @@ def fit_softmax_probe(
 ) -> FitResult:
     """The softmax probe at the optimum of mean cross-entropy + penalty (see ``solver.py``).
 
-    ``init`` (a probe over the same classes, e.g. the ridge probe or the fit at a nearby
-    strength) is a warm start, used when its objective is below the zero probe's. Rows with
-    ``y == -1`` (types not in the class set) cannot enter a cross-entropy and are left out.
+    ``init`` (a probe over the same classes, e.g. the fit at a nearby strength) is a warm start,
+    used when its objective is below the zero probe's. Rows labelled -1 (types not in the class
+    set) cannot enter a cross-entropy and are left out.
     """
-    x_train, y_train = _keep(x_train, y_train)
-    if not x_train.is_floating_point():
-        x_train = x_train.float()
-    mean, scale = standardisation(x_train)
-    rows = solver.chunk_rows(cfg.chunk_mb, x_train.shape[1], n_classes)
+    rows = rows.labelled()
+    mean, scale = standardisation(rows)
+    chunk = solver.chunk_rows(cfg.chunk_mb, rows.d, n_classes)
     l2 = reg.strength if reg.kind is RegKind.l2 else 0.0
     l1 = reg.strength if reg.kind is RegKind.l1 else 0.0
-    problem = solver.SoftmaxObjective(x_train, y_train, n_classes, mean, scale, l2, rows)
+    device = rows.labels.device
+    problem = solver.SoftmaxObjective(rows, n_classes, mean.to(device), scale, l2, chunk)
     start = None if init is None else (init.weight.detach(), init.bias.detach())
     (weight, bias), convergence, history = solver.minimise(
         problem, start, l1, cfg.tol, cfg.max_iter, cfg.history_size, desc
     )
-    probe = LinearProbe(weight, bias, mean, scale)
+    probe = LinearProbe(weight, bias, mean.to(device), scale)
     return FitResult(probe=probe, convergence=convergence, history=history)
 
 
 def fit_softmax_path(
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
+    rows: Rows,
     n_classes: int,
     reg: RegConfig,
     cfg: ProbeConfig,
@@ -182,7 +174,7 @@ def fit_softmax_path(
     fits: dict[float, FitResult] = {}
     for strength in sorted(strengths, reverse=True):
         step = RegConfig(reg.kind, strength)
-        fit = fit_softmax_probe(x_train, y_train, n_classes, step, cfg, init, f"path {strength:g}")
+        fit = fit_softmax_probe(rows, n_classes, step, cfg, init, f"path {strength:g}")
         fits[strength], init = fit, fit.probe
     return [fits[s] for s in strengths]
 
@@ -193,39 +185,57 @@ class RidgePath:
     The map from the (standardised) hidden state to the embedding row of its class is
     ``A(s) = Q diag(1 / (lambda + s)) Q^T X^T Y / n`` with ``X^T X / n = Q diag(lambda) Q^T``, so
     each strength costs one matrix product. Decoding: logits_c = -||x A + b - e_c||^2 / (2 sigma^2)
-    up to a constant, with sigma^2 the mean squared training residual per dimension.
+    up to a constant, with sigma^2 the mean squared training residual per dimension. Every
+    quantity is a sum over rows, streamed in chunks; the residual comes from the same sums.
     """
 
-    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, embeddings: torch.Tensor):
-        x_train, y_train = _keep(x_train, y_train)
-        self.mean, self.scale = standardisation(x_train)
-        self.xs = (x_train - self.mean) / self.scale
-        self.targets = embeddings[y_train]
-        self.target_mean = self.targets.mean(0)
+    def __init__(self, rows: Rows, embeddings: torch.Tensor, chunk: int = 65536):
+        rows = rows.labelled()
+        self.mean, self.scale = standardisation(rows, chunk)
+        device = embeddings.device
+        counts = torch.bincount(rows.labels.to(device), minlength=len(embeddings)).double()
+        self.target_mean = (counts @ embeddings.double() / max(len(rows), 1)).to(embeddings)
+        d, e = rows.d, embeddings.shape[1]
+        gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+        cross = torch.zeros(d, e, dtype=torch.float64, device=device)
+        self.target_square = 0.0  # sum of ||e_y - mean||^2 over rows
+        for x, y in rows.chunks(chunk):
+            xs = ((x.to(device) - self.mean.to(device)) / self.scale).double()
+            targets = (embeddings[y.to(device)] - self.target_mean).double()
+            gram += xs.T @ xs
+            cross += xs.T @ targets
+            self.target_square += targets.pow(2).sum().item()
+        self.n, self.e = max(len(rows), 1), e
+        self.gram = gram / self.n
+        self.cross = cross / self.n
         self.class_embeddings = embeddings
-        n = len(self.xs)
-        self.eigvals, self.eigvecs = torch.linalg.eigh(self.xs.T @ self.xs / n)
-        self.eig_cross = self.eigvecs.T @ (self.xs.T @ (self.targets - self.target_mean) / n)
+        self.eigvals, self.eigvecs = torch.linalg.eigh(self.gram)
+        self.eig_cross = self.eigvecs.T @ self.cross
 
     def fit(self, strength: float) -> FitResult:
         inverse = 1.0 / (self.eigvals.clamp_min(0) + strength).clamp_min(1e-10)
         map_weight = self.eigvecs @ (inverse[:, None] * self.eig_cross)
-        residual = self.xs @ map_weight + self.target_mean - self.targets
-        sigma2 = residual.pow(2).mean().clamp_min(1e-12)
+        # mean ||x A - (t - m)||^2 = tr(A' G A) - 2 tr(A' C) + mean ||t - m||^2, per dimension
+        square = (
+            (map_weight * (self.gram @ map_weight)).sum()
+            - 2 * (map_weight * self.cross).sum()
+            + self.target_square / self.n
+        )
         emb = self.class_embeddings
+        sigma2 = (square / self.e).clamp_min(1e-12).to(emb)
+        map_weight = map_weight.to(emb)
         weight = (emb @ map_weight.T) / sigma2
         bias = (emb @ self.target_mean - 0.5 * emb.pow(2).sum(1)) / sigma2
-        probe = LinearProbe(weight, bias, self.mean, self.scale)
+        probe = LinearProbe(weight, bias, self.mean.to(emb.device), self.scale)
         closed_form = {"solver": "closed_form", "converged": True}
         return FitResult(probe, closed_form, map_weight=map_weight.T.contiguous())
 
 
 def fit_ridge_probe(
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
+    rows: Rows,
     class_embeddings: torch.Tensor,
     reg: RegConfig,
-    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    validation: Rows | None = None,
     path_strengths: list[float] | tuple[float, ...] = (),
 ) -> FitResult:
     """The ridge probe at ``reg.strength`` (l2) or unregularised (none); see ``RidgePath``.
@@ -234,15 +244,14 @@ def fit_ridge_probe(
     the path, from the same decomposition (``FitResult.path``)."""
     if reg.kind is RegKind.l1:
         raise UserError("probe=ridge has a closed form only for reg=l2 or reg=none; use l2")
-    ridge = RidgePath(x_train, y_train, class_embeddings)
+    ridge = RidgePath(rows, class_embeddings)
     result = ridge.fit(reg.strength if reg.kind is RegKind.l2 else 0.0)
     if validation is not None:
-        x_val, y_val = validation
-        everything = torch.ones(len(x_val), dtype=torch.bool, device=x_val.device)
+        everything = np.ones(len(validation), dtype=bool)
         result.path = [
             {
                 "strength": s,
-                "val_nll": score_probe(ridge.fit(s).probe, x_val, y_val, everything)["nll"],
+                "val_nll": score_probe(ridge.fit(s).probe, validation, everything)["nll"],
             }
             for s in path_strengths
         ]
@@ -250,15 +259,13 @@ def fit_ridge_probe(
 
 
 @torch.no_grad()
-def token_scores(
-    probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, batch: int = 4096
-) -> dict[str, np.ndarray]:
+def token_scores(probe: LinearProbe, rows: Rows, batch: int = 4096) -> dict[str, np.ndarray]:
     """Per held-out token: top-1 and top-5 correct, and the NLL (NaN where the token's type is
-    not a class, ``y == -1``: it counts as an error in top-1/top-5 and has no NLL)."""
+    not a class, label -1: it counts as an error in top-1/top-5 and has no NLL)."""
     correct1, correct5, nll = [], [], []
-    for start in range(0, len(x), batch):
-        logits = probe(x[start : start + batch]).float()
-        target = y[start : start + batch]
+    for x, target in rows.chunks(batch):
+        logits = probe(x.to(probe.weight.device, probe.weight.dtype)).float()
+        target = target.to(logits.device)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1.append(top[:, 0] == target)
         correct5.append((top == target[:, None]).any(1))
@@ -274,12 +281,14 @@ def token_scores(
 
 
 def score_probe(
-    probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, frequent: torch.Tensor
+    probe: LinearProbe, rows: Rows, frequent: torch.Tensor | np.ndarray
 ) -> dict[str, float | int | None]:
-    """Held-out top-1, top-5 and NLL. Tokens whose type is not a class (``y == -1``) count as
+    """Held-out top-1, top-5 and NLL. Tokens whose type is not a class (label -1) count as
     errors in top-1/top-5 and are left out of the NLL (it would be infinite); ``n_unseen``
     says how many there were. ``frequent`` splits top-1 by token frequency."""
-    return summarise(token_scores(probe, x, y), frequent.cpu().numpy())
+    if isinstance(frequent, torch.Tensor):
+        frequent = frequent.cpu().numpy()
+    return summarise(token_scores(probe, rows), frequent)
 
 
 def summarise(

@@ -15,10 +15,13 @@ by the chunk, not the token count, and run on whichever device the rows are move
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from probe_sweep.rows import Rows
 
 Params = tuple[torch.Tensor, torch.Tensor]  # weight (classes x d), bias (classes)
 
@@ -30,15 +33,23 @@ def chunk_rows(chunk_mb: int, d: int, n_classes: int) -> int:
 
 @dataclass
 class SoftmaxObjective:
-    """The smooth part: mean cross-entropy plus ``l2 * ||W||^2``, by chunks of ``rows``."""
+    """The smooth part: mean cross-entropy plus ``l2 * ||W||^2``, in chunks of ``chunk`` rows
+    streamed from ``rows`` (every label a class)."""
 
-    x: torch.Tensor
-    y: torch.Tensor
+    rows: Rows
     n_classes: int
     mean: torch.Tensor
     scale: float
     l2: float
-    rows: int
+    chunk: int
+
+    def standardised(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Centred, scaled inputs and labels, chunk by chunk, on the parameters' device."""
+        for x, y in self.rows.chunks(self.chunk):
+            yield (
+                (x.to(self.mean.device, self.mean.dtype) - self.mean) / self.scale,
+                y.to(self.mean.device),
+            )
 
     @torch.no_grad()
     def __call__(self, params: Params, grad: bool = True) -> tuple[float, Params | None]:
@@ -46,10 +57,7 @@ class SoftmaxObjective:
         device = weight.device
         total = torch.zeros((), dtype=torch.float64, device=device)
         g_weight, g_bias = torch.zeros_like(weight), torch.zeros_like(bias)
-        for start in range(0, len(self.x), self.rows):
-            xs = self.x[start : start + self.rows].to(device, self.mean.dtype)
-            xs = (xs - self.mean) / self.scale
-            y = self.y[start : start + self.rows].to(device)
+        for xs, y in self.standardised():
             logits = torch.addmm(bias, xs, weight.T)
             lse = torch.logsumexp(logits, 1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum(dtype=torch.float64)
@@ -58,7 +66,7 @@ class SoftmaxObjective:
                 probs[torch.arange(len(y), device=device), y] -= 1.0
                 g_weight.addmm_(probs.T, xs)
                 g_bias += probs.sum(0)
-        n = max(len(self.x), 1)
+        n = max(len(self.rows), 1)
         value = total.item() / n + self.l2 * weight.pow(2).sum().item()
         if not grad:
             return value, None
@@ -69,13 +77,12 @@ class SoftmaxObjective:
     def lipschitz(self) -> float:
         """An upper bound on the smooth part's curvature: lambda_max of the second moment of
         (standardised row, 1) over 2 (Boehning 1992), plus 2 * l2."""
-        d = self.x.shape[1]
+        d = self.rows.d
         gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=self.mean.device)
-        for start in range(0, len(self.x), self.rows):
-            xs = (self.x[start : start + self.rows].to(self.mean) - self.mean) / self.scale
+        for xs, _ in self.standardised():
             xs = torch.cat([xs, torch.ones_like(xs[:, :1])], 1).double()
             gram += xs.T @ xs
-        top = torch.linalg.eigvalsh(gram / max(len(self.x), 1))[-1].item()
+        top = torch.linalg.eigvalsh(gram / max(len(self.rows), 1))[-1].item()
         return 0.5 * top + 2 * self.l2
 
 
@@ -109,9 +116,11 @@ def minimise(
     """The probe minimising ``objective`` (+ ``l1 * ||W||_1``), from the zero probe or
     ``start``, whichever has the lower objective. Returns the parameters, a convergence
     record and the objective at every evaluation."""
-    x = objective.x
     like = objective.mean
-    zero = (like.new_zeros(objective.n_classes, x.shape[1]), like.new_zeros(objective.n_classes))
+    zero = (
+        like.new_zeros(objective.n_classes, objective.rows.d),
+        like.new_zeros(objective.n_classes),
+    )
     value0, grads0 = objective(zero)
     assert grads0 is not None
     reference = max(_max_abs(grads0), 1e-12)

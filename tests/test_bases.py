@@ -24,6 +24,7 @@ from probe_sweep.probes import (
     fit_softmax_probe,
     score_probe,
 )
+from probe_sweep.rows import in_memory
 
 V, D = 400, 16
 
@@ -119,9 +120,13 @@ def test_l2_free_probe_accuracy_is_invariant_under_a_random_rotation() -> None:
     rot = build("random").directions
     reg = RegConfig(kind=RegKind.none, strength=0.0)
     frequent = torch.zeros(len(y_te), dtype=torch.bool)
-    plain = score_probe(fit_ridge_probe(x_tr, y_tr, centres, reg).probe, x_te, y_te, frequent)
+    plain = score_probe(
+        fit_ridge_probe(in_memory(x_tr, y_tr), centres, reg).probe, in_memory(x_te, y_te), frequent
+    )
     rotated = score_probe(
-        fit_ridge_probe(x_tr @ rot, y_tr, centres, reg).probe, x_te @ rot, y_te, frequent
+        fit_ridge_probe(in_memory(x_tr @ rot, y_tr), centres, reg).probe,
+        in_memory(x_te @ rot, y_te),
+        frequent,
     )
     assert plain["top1"] == pytest.approx(rotated["top1"], abs=1e-9)
     assert plain["nll"] == pytest.approx(rotated["nll"], rel=1e-3)
@@ -129,10 +134,12 @@ def test_l2_free_probe_accuracy_is_invariant_under_a_random_rotation() -> None:
     # The softmax probe at its optimum is equivariant under l2 too (see test_solver). These
     # classes are separable, so without a penalty the optimum would lie at infinity.
     l2 = RegConfig(kind=RegKind.l2, strength=1e-3)
-    fits = [fit_softmax_probe(xt, y_tr, 20, l2, ProbeConfig()) for xt in (x_tr, x_tr @ rot)]
+    fits = [
+        fit_softmax_probe(in_memory(xt, y_tr), 20, l2, ProbeConfig()) for xt in (x_tr, x_tr @ rot)
+    ]
     assert all(fit.convergence["converged"] for fit in fits)
     soft = [
-        score_probe(f.probe, xs, y_te, frequent)["top1"]
+        score_probe(f.probe, in_memory(xs, y_te), frequent)["top1"]
         for f, xs in zip(fits, (x_te, x_te @ rot), strict=True)
     ]
     assert soft[0] == pytest.approx(soft[1], abs=1 / len(y_te))

@@ -19,6 +19,7 @@ from probe_sweep.probes import (
     frequent_types,
     score_probe,
 )
+from probe_sweep.rows import in_memory
 
 
 def planted(n: int, n_classes: int = 20, d: int = 16, noise: float = 0.3, seed: int = 0):
@@ -32,28 +33,32 @@ def planted(n: int, n_classes: int = 20, d: int = 16, noise: float = 0.3, seed: 
 
 def test_softmax_probe_learns_a_planted_task() -> None:
     x, y, _ = planted(4000)
-    fit = fit_softmax_probe(x[:3000], y[:3000], 20, RegConfig(), ProbeConfig())
+    fit = fit_softmax_probe(in_memory(x[:3000], y[:3000]), 20, RegConfig(), ProbeConfig())
     assert fit.convergence["converged"] and fit.convergence["solver"] == "lbfgs"
-    scores = score_probe(fit.probe, x[3500:], y[3500:], torch.ones(500, dtype=torch.bool))
+    scores = score_probe(
+        fit.probe, in_memory(x[3500:], y[3500:]), torch.ones(500, dtype=torch.bool)
+    )
     assert scores["top1"] > 0.97 and scores["top5"] >= scores["top1"]
 
 
 def test_softmax_probe_is_reproducible() -> None:
     x, y, _ = planted(2000)
-    a, b = (fit_softmax_probe(x, y, 20, RegConfig(), ProbeConfig()) for _ in range(2))
+    a, b = (fit_softmax_probe(in_memory(x, y), 20, RegConfig(), ProbeConfig()) for _ in range(2))
     assert torch.equal(a.probe.weight, b.probe.weight)
 
 
 def test_stronger_l2_shrinks_the_weights() -> None:
     x, y, _ = planted(2000)
-    weak = fit_softmax_probe(x, y, 20, RegConfig(RegKind.l2, 1e-4), ProbeConfig())
-    strong = fit_softmax_probe(x, y, 20, RegConfig(RegKind.l2, 0.1), ProbeConfig())
+    weak = fit_softmax_probe(in_memory(x, y), 20, RegConfig(RegKind.l2, 1e-4), ProbeConfig())
+    strong = fit_softmax_probe(in_memory(x, y), 20, RegConfig(RegKind.l2, 0.1), ProbeConfig())
     assert strong.probe.weight.norm() < 0.5 * weak.probe.weight.norm()
 
 
 def test_a_fit_that_runs_out_of_iterations_says_so() -> None:
     x, y, _ = planted(2000)
-    fit = fit_softmax_probe(x, y, 20, RegConfig(RegKind.l2, 1e-4), ProbeConfig(max_iter=2))
+    fit = fit_softmax_probe(
+        in_memory(x, y), 20, RegConfig(RegKind.l2, 1e-4), ProbeConfig(max_iter=2)
+    )
     assert not fit.convergence["converged"]
     assert fit.convergence["grad_norm_rel"] > fit.convergence["tol"]
 
@@ -61,19 +66,19 @@ def test_a_fit_that_runs_out_of_iterations_says_so() -> None:
 def test_ridge_map_matches_scikit_learn() -> None:
     x, y, embeddings = planted(3000, d=12)
     strength = 0.05
-    fit = fit_ridge_probe(x, y, embeddings, RegConfig(RegKind.l2, strength))
+    fit = fit_ridge_probe(in_memory(x, y), embeddings, RegConfig(RegKind.l2, strength))
     xs = (x - fit.probe.mean) / fit.probe.scale
     # Our objective is the per-token mean; scikit-learn's is the sum.
     reference = Ridge(alpha=strength * len(x)).fit(xs.numpy(), embeddings[y].numpy())
     np.testing.assert_allclose(fit.map_weight.numpy(), reference.coef_, rtol=1e-3, atol=1e-4)
-    scores = score_probe(fit.probe, x, y, torch.ones(len(x), dtype=torch.bool))
+    scores = score_probe(fit.probe, in_memory(x, y), torch.ones(len(x), dtype=torch.bool))
     assert scores["top1"] > 0.97
 
 
 def test_ridge_refuses_l1() -> None:
     x, y, embeddings = planted(100)
     with pytest.raises(UserError, match="reg=l2 or reg=none"):
-        fit_ridge_probe(x, y, embeddings, RegConfig(RegKind.l1, 0.1))
+        fit_ridge_probe(in_memory(x, y), embeddings, RegConfig(RegKind.l1, 0.1))
 
 
 def test_unseen_types_count_as_errors_not_dropped() -> None:
@@ -86,7 +91,7 @@ def test_unseen_types_count_as_errors_not_dropped() -> None:
 
     probe = LinearProbe(probe_weight * 10, torch.zeros(3), torch.zeros(3), 1.0)
     x = torch.eye(3)[[0, 1, 0, 2]]
-    scores = score_probe(probe, x, y, torch.tensor([True, True, False, False]))
+    scores = score_probe(probe, in_memory(x, y), torch.tensor([True, True, False, False]))
     assert scores["top1"] == 0.75 and scores["n_unseen"] == 1
     assert scores["top1_frequent"] == 1.0 and scores["top1_rare"] == 0.5
 

@@ -19,6 +19,7 @@ from probe_sweep.probes import (
     fit_softmax_probe,
     standardisation,
 )
+from probe_sweep.rows import in_memory
 
 # The default tolerance: float32 logits resolve the objective to about 1e-7 of its value,
 # which is where L-BFGS's line search stops finding decrease (about 1e-4 relative gradient).
@@ -61,8 +62,8 @@ def test_a_probe_in_a_rotated_basis_is_the_natural_probe_rotated(
 ) -> None:
     x, y, _ = overlapping()
     x, q = x.to(dtype), random_rotation(x.shape[1], seed=1).to(dtype)
-    natural = fit_softmax_probe(x, y, 12, reg, cfg)
-    rotated = fit_softmax_probe(x @ q, y, 12, reg, cfg)
+    natural = fit_softmax_probe(in_memory(x, y), 12, reg, cfg)
+    rotated = fit_softmax_probe(in_memory(x @ q, y), 12, reg, cfg)
     assert natural.convergence["converged"] and rotated.convergence["converged"]
     w, wq = natural.probe.weight.detach(), rotated.probe.weight.detach()
     assert ((wq - w @ q).norm() / w.norm()).item() < bound
@@ -76,7 +77,7 @@ def test_the_objective_matches_scikit_learn_at_its_optimum() -> None:
     x, y, _ = overlapping()
     strength = 1e-3
     reg = RegConfig(RegKind.l2, strength)
-    fit = fit_softmax_probe(x, y, 12, reg, TIGHT)
+    fit = fit_softmax_probe(in_memory(x, y), 12, reg, TIGHT)
     # scikit-learn minimises C * sum(CE) + ||W||^2 / 2; divided by C * n that is ours when
     # C = 1 / (2 * strength * n). Same standardised inputs, bias unpenalised in both.
     xs = ((x - fit.probe.mean) / fit.probe.scale).double().numpy()
@@ -96,7 +97,7 @@ def test_the_objective_matches_scikit_learn_at_its_optimum() -> None:
 def test_the_l1_probe_meets_the_subgradient_optimality_conditions() -> None:
     x, y, _ = overlapping()
     strength = 2e-3
-    fit = fit_softmax_probe(x, y, 12, RegConfig(RegKind.l1, strength), TIGHT)
+    fit = fit_softmax_probe(in_memory(x, y), 12, RegConfig(RegKind.l1, strength), TIGHT)
     conv = fit.convergence
     assert conv["solver"] == "fista" and conv["converged"]
     # The gradient of the smooth part (mean cross-entropy) at the solution, by autograd.
@@ -116,8 +117,8 @@ def test_the_l1_probe_meets_the_subgradient_optimality_conditions() -> None:
 
 def solver_reference(x: torch.Tensor, y: torch.Tensor) -> float:
     """The largest gradient entry of the zero probe (what the tolerance is relative to)."""
-    mean, scale = standardisation(x)
-    problem = solver.SoftmaxObjective(x, y, 12, mean, scale, 0.0, rows=len(x))
+    mean, scale = standardisation(in_memory(x, y))
+    problem = solver.SoftmaxObjective(in_memory(x, y), 12, mean, scale, 0.0, chunk=len(x))
     zero = (torch.zeros(12, x.shape[1]), torch.zeros(12))
     _, grads = problem(zero)
     return max(g.abs().max().item() for g in grads)
@@ -127,11 +128,11 @@ def solver_reference(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_chunked_streaming_gives_the_same_fit_as_one_chunk(kind: RegKind) -> None:
     x, y, _ = overlapping()
     x = x.double()  # float64: the two fits differ only by the order of the sums
-    mean, scale = standardisation(x)
+    mean, scale = standardisation(in_memory(x, y))
     l2, l1 = (1e-3, 0.0) if kind is RegKind.l2 else (0.0, 1e-3)
     fits = []
-    for rows in (len(x), 257):
-        problem = solver.SoftmaxObjective(x, y, 12, mean, scale, l2, rows)
+    for chunk in (len(x), 257):
+        problem = solver.SoftmaxObjective(in_memory(x, y), 12, mean, scale, l2, chunk)
         (weight, _), conv, _ = solver.minimise(problem, None, l1, 1e-7, 3000)
         assert conv["converged"]
         fits.append(weight)
@@ -146,25 +147,27 @@ def test_chunk_size_follows_the_memory_budget() -> None:
 def test_a_warm_start_is_used_only_where_it_beats_the_zero_probe() -> None:
     x, y, centres = overlapping()
     reg = RegConfig(RegKind.l2, 1e-3)
-    cold = fit_softmax_probe(x, y, 12, reg, TIGHT)
-    near = fit_softmax_probe(x, y, 12, RegConfig(RegKind.l2, 2e-3), TIGHT).probe
-    warm = fit_softmax_probe(x, y, 12, reg, TIGHT, init=near)
+    cold = fit_softmax_probe(in_memory(x, y), 12, reg, TIGHT)
+    near = fit_softmax_probe(in_memory(x, y), 12, RegConfig(RegKind.l2, 2e-3), TIGHT).probe
+    warm = fit_softmax_probe(in_memory(x, y), 12, reg, TIGHT, init=near)
     assert warm.convergence["init"] == "warm"
     assert warm.convergence["iterations"] <= cold.convergence["iterations"]
     assert warm.convergence["objective"] == pytest.approx(cold.convergence["objective"], rel=1e-5)
     w_cold, w_warm = cold.probe.weight.detach(), warm.probe.weight.detach()
     assert ((w_cold - w_warm).norm() / w_cold.norm()).item() < 1e-2
     # A start worse than zero (here the ridge probe's Gaussian logits) is not used.
-    ridge = RidgePath(x, y, centres).fit(reg.strength).probe
-    assert fit_softmax_probe(x, y, 12, reg, TIGHT, init=ridge).convergence["init"] == "zero"
+    ridge = RidgePath(in_memory(x, y), centres).fit(reg.strength).probe
+    assert (
+        fit_softmax_probe(in_memory(x, y), 12, reg, TIGHT, init=ridge).convergence["init"] == "zero"
+    )
 
 
 def test_the_regularisation_path_is_each_strength_s_optimum() -> None:
     x, y, _ = overlapping(n=1500)
     strengths = [1e-1, 1e-2, 1e-3]
-    path = fit_softmax_path(x, y, 12, RegConfig(RegKind.l2, 0.0), TIGHT, strengths)
+    path = fit_softmax_path(in_memory(x, y), 12, RegConfig(RegKind.l2, 0.0), TIGHT, strengths)
     for strength, fit in zip(strengths, path, strict=True):
-        alone = fit_softmax_probe(x, y, 12, RegConfig(RegKind.l2, strength), TIGHT)
+        alone = fit_softmax_probe(in_memory(x, y), 12, RegConfig(RegKind.l2, strength), TIGHT)
         assert fit.convergence["converged"]
         assert fit.convergence["objective"] == pytest.approx(
             alone.convergence["objective"], rel=1e-5
