@@ -2,16 +2,19 @@
 
 Hydra glue only: the config becomes typed values (``config.py``), ``pipeline.run_job`` runs
 the stages, and this module turns errors into one line and an exit code, skips finished jobs of
-a resumed sweep and hands the results to the tracker and the tuner.
+a resumed sweep and hands the results to the tracker and the tuner. A skipped job whose results
+the tracker never logged (killed between metrics.json and tracking) is tracked then.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,6 +31,40 @@ log = logging.getLogger("probe_sweep")
 
 register_schema()
 jobs.prepare_launchers()
+
+
+def progress_bars_on_terminal_only() -> None:
+    """Off a terminal (a SLURM or CI log, a pipe) every redraw of a progress bar is a line of
+    its own: turn off the bars of transformers and huggingface_hub (weight loading, downloads)
+    there. Ours choose for themselves (``activations.ExtractionProgress``, tqdm's
+    ``disable=None``). Decided in each job, not the launching process: a SLURM job's stderr is
+    a file even when the sweep was started from a terminal. An explicit
+    HF_HUB_DISABLE_PROGRESS_BARS is the user's choice and left alone."""
+    try:
+        if sys.stderr.isatty() or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:
+            return
+    except (AttributeError, ValueError):  # no isatty, or a closed stream: not a terminal
+        pass
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def track(
+    cfg: tracking.TrackerConfig, job: tracking.JobInfo, resolved: dict[str, Any], key: str
+) -> bool:
+    """Log a finished job's results with the tracker and mark its dir tracked; never raises.
+    False when nothing was logged (tracker disabled, or W&B failed: one warning line)."""
+    info = tracking.track_job(cfg, job, resolved)
+    if info is None:
+        return False
+    try:
+        jobs.mark_tracked(job.out_dir, key, info)
+    except OSError as exc:  # the run is logged; a rerun may log it once more
+        log.warning("Could not record in %s that the job was tracked: %s", job.out_dir, exc)
+    return True
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -76,6 +113,7 @@ def main(cfg: DictConfig) -> float | None:
             threads.available_cores(),
         )
         threads.configure_threads(sharing if multirun else None)
+        progress_bars_on_terminal_only()
         config = to_typed(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         key = jobs.job_key(resolved, tracking.SCHEMA_VERSION)  # type: ignore[arg-type]
@@ -84,6 +122,15 @@ def main(cfg: DictConfig) -> float | None:
         if done is not None:
             log.info("Skipped: complete results for this config in %s (redo=true reruns)", done)
             jobs.note_skipped(out_dir, done, key)
+            if config.tracker.mode.value != "disabled" and not jobs.is_tracked(done, key):
+                # Killed after metrics.json, before tracking: log the run from the files now.
+                job = dataclasses.replace(tracking.JobInfo.from_hydra(hydra_cfg), out_dir=done)
+                if track(config.tracker, job, resolved, key):  # type: ignore[arg-type]
+                    log.info(
+                        "Tracked the results in %s now: the job that wrote them had stopped "
+                        "before the tracker logged them",
+                        done,
+                    )
             return tuning.objective(jobs.load_metrics(done)["layers"], config.tuning)
         jobs.clear_markers(out_dir, config.redo)
         with jobs.claim_gpu(config.device) as device:
@@ -93,7 +140,7 @@ def main(cfg: DictConfig) -> float | None:
             metrics = run_job(config, resolved, out_dir, job_info, reporter)  # type: ignore[arg-type]
         # After metrics.json is on disk; never raises (a W&B failure is one warning line).
         job = tracking.JobInfo.from_hydra(HydraConfig.get())
-        tracking.track_job(config.tracker, job, resolved)  # type: ignore[arg-type]
+        track(config.tracker, job, resolved, key)  # type: ignore[arg-type]
         return tuning.objective(metrics["layers"], config.tuning)
     except KeyboardInterrupt:
         stop_interrupted()

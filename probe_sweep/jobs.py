@@ -1,6 +1,6 @@
 """What a job in a sweep needs to know about the sweep: its content key, whether identical
-results already exist, how it failed, which SLURM job ran it, which local GPU is its own, and
-which probes an earlier attempt of it already fitted.
+results already exist (and whether the tracker logged them), how it failed, which SLURM job ran
+it, which local GPU is its own, and which probes an earlier attempt of it already fitted.
 
 A job's results are complete when its ``metrics.json`` carries a ``job`` section (written last,
 after every other file) whose ``key`` hashes the job's resolved config. Re-running a sweep into
@@ -44,6 +44,10 @@ FAILED = "failed.json"
 SKIPPED = "skipped.json"
 PRUNED = "pruned.json"  # an Optuna trial its study stopped (written by the sweeper)
 METRICS = "metrics.json"
+# Written after the tracker logged the job's results: a job killed between metrics.json and
+# tracking has none, and a rerun that skips it tracks it then (see ``is_tracked``).
+TRACKED = "tracked.json"
+WANDB_RUN = "wandb_run.json"  # what the tracker writes where a run went (README)
 FITS = ".fits"
 FIT_SUFFIX = ".safetensors"
 T = TypeVar("T")
@@ -113,7 +117,7 @@ def load_metrics(job_dir: Path) -> dict[str, Any]:
 def clear_markers(out_dir: Path, redo: bool) -> None:
     """Remove what an earlier attempt left in this job's directory before running it again
     (with ``redo``, also its results and the probes it had fitted)."""
-    for name in (FAILED, SKIPPED, PRUNED, *((METRICS,) if redo else ())):
+    for name in (FAILED, SKIPPED, PRUNED, TRACKED, *((METRICS,) if redo else ())):
         (out_dir / name).unlink(missing_ok=True)
     if redo:
         discard_fits(out_dir)
@@ -271,6 +275,33 @@ def _is_module_class(value: Any) -> bool:
 def note_skipped(out_dir: Path, done: Path, key: str) -> None:
     if done.resolve() != out_dir.resolve():
         write_json(out_dir / SKIPPED, {"key": key, "results": str(done)})
+
+
+def mark_tracked(job_dir: Path, key: str, run: dict[str, Any]) -> None:
+    """Record that the tracker logged the results of job ``key`` in ``job_dir`` (as ``run``)."""
+    write_json(job_dir / TRACKED, {"key": key, "run": run})
+
+
+def is_tracked(job_dir: Path, key: str) -> bool:
+    """Whether the tracker logged the complete results of job ``key`` in ``job_dir``.
+
+    ``tracked.json`` answers for the key it names. Without it (a job dir written before that
+    file existed, or a job killed between the tracker's own ``wandb_run.json`` and the marker),
+    a ``wandb_run.json`` newer than ``metrics.json`` counts: one written for results that were
+    replaced since (a run killed before tracking, in a reused job dir) is older than them."""
+    try:
+        marker = json.loads((job_dir / TRACKED).read_text())
+    except FileNotFoundError:
+        marker = None
+    except (OSError, ValueError):
+        return False
+    if marker is not None:
+        return isinstance(marker, dict) and marker.get("key") == key
+    try:
+        run_written = (job_dir / WANDB_RUN).stat().st_mtime_ns
+        return run_written >= (job_dir / METRICS).stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def job_info(key: str, overrides: list[str]) -> dict[str, Any]:
