@@ -116,7 +116,7 @@ def main(cfg: DictConfig) -> float | None:
         progress_bars_on_terminal_only()
         config = to_typed(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        key = jobs.job_key(resolved, tracking.SCHEMA_VERSION)  # type: ignore[arg-type]
+        key = jobs.job_key(resolved, jobs.SCHEMA_VERSION)  # type: ignore[arg-type]
         sweep_dir = Path(hydra_cfg.sweep.dir)
         done = jobs.find_complete(sweep_dir, key) if multirun and not config.redo else None
         if done is not None:

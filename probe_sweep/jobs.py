@@ -35,8 +35,8 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from probe_sweep.files import temp_path, write_json
 from probe_sweep.probes import FitResult
-from probe_sweep.tracking import temp_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ FAILED = "failed.json"
 SKIPPED = "skipped.json"
 PRUNED = "pruned.json"  # an Optuna trial its study stopped (written by the sweeper)
 METRICS = "metrics.json"
+SCHEMA_VERSION = 1  # of metrics.json (README); part of every job's content key
 # Written after the tracker logged the job's results: a job killed between metrics.json and
 # tracking has none, and a rerun that skips it tracks it then (see ``is_tracked``).
 TRACKED = "tracked.json"

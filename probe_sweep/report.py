@@ -35,7 +35,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from safetensors import safe_open
 
-from probe_sweep.tracking import plot_accuracy_vs_k, plt, save_figure, temp_path
+from probe_sweep.files import temp_path
+from probe_sweep.plots import plot_accuracy_vs_k, plt, save_figure
 
 log = logging.getLogger("probe_sweep.report")
 

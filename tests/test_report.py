@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from probe_sweep import report, tracking
+from probe_sweep import files, report
 from tests.conftest import TINY, run_cli
-from tests.test_tracking import STATISTICS, fake_job
+from tests.job_dirs import fake_job, sample_metrics
 from tests.wandb_reader import read_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,16 +36,14 @@ def make_sweep(sweep: Path) -> None:
     for num, (basis, top1) in enumerate((("natural", [0.9, 0.8, 0.7]), ("pca", [0.95, 0.6, 0.4]))):
         job = sweep / f"{num}_basis={basis}"
         hydra_files(job, [*common, f"basis={basis}"])
-        fake_job(job, top1, STATISTICS if basis == "pca" else None, basis=basis)
+        fake_job(job, top1, statistics=basis == "pca", basis=basis)
     failed = sweep / "2_basis=nmf"
     hydra_files(failed, [*common, "basis=nmf"])
     failure = {"error": "NMF did not converge", "type": "RuntimeError", "overrides": ["basis=nmf"]}
-    tracking.write_json(failed / "failed.json", failure)
+    files.write_json(failed / "failed.json", failure)
     hydra_files(sweep / "3_basis=random", [*common, "basis=random"])
     hydra_files(sweep / "4_basis=pca", [*common, "basis=pca"])
-    tracking.write_json(
-        sweep / "4_basis=pca" / "skipped.json", {"key": "k", "results": "1_basis=pca"}
-    )
+    files.write_json(sweep / "4_basis=pca" / "skipped.json", {"key": "k", "results": "1_basis=pca"})
 
 
 def test_report_puts_every_job_side_by_side(tmp_path: Path) -> None:
@@ -85,8 +83,14 @@ def test_report_puts_every_job_side_by_side(tmp_path: Path) -> None:
     stats = section(text, "## Statistics by layer")
     cosine = stats[stats.index("### probe_embedding_cosine") :]
     cosine = cosine[: cosine.index("\n### ")] if "\n### " in cosine else cosine
-    assert "| job | layer 0 | layer 2 |" in cosine
-    assert "| #1 basis=pca | 0.800 [0.780, 0.820] | 0.300 [0.280, 0.320] |" in cosine
+    values = [
+        e
+        for e in sample_metrics()["statistics"]["entries"]
+        if e["name"] == "probe_embedding_cosine"
+    ]
+    cells = " | ".join(f"{e['observed']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]" for e in values)
+    assert "| job | layer 0 | layer 1 | layer 2 |" in cosine
+    assert f"| #1 basis=pca | {cells} |" in cosine
     assert "#0 basis=natural" not in cosine
     top1 = stats[stats.index("### top1") :]
     assert "| #0 basis=natural | 0.900 [0.890, 0.910] |" in top1
@@ -118,7 +122,7 @@ def test_report_with_no_finished_job_still_lists_the_failures(tmp_path: Path) ->
     sweep = tmp_path / "sweep"
     job = sweep / "0_reg.strength=-1"
     hydra_files(job, ["reg.strength=-1"])
-    tracking.write_json(job / "failed.json", {"error": "boom", "type": "ValueError"})
+    files.write_json(job / "failed.json", {"error": "boom", "type": "ValueError"})
     text = report.write_sweep_report(sweep).read_text()
     assert "No finished job." in text and "| ValueError | boom |" in text
     assert not (sweep / report.PLOT).exists()
@@ -183,16 +187,10 @@ def test_report_checks_that_rotated_bases_give_the_rotated_probe(tmp_path: Path)
     for num, (kind, encoder) in enumerate((("natural", torch.eye(8)), ("pca", q))):
         job = sweep / f"{num}_basis={kind}"
         hydra_files(job, [f"basis={kind}"])
-        metrics = fake_job(job, [0.9], basis=kind)
-        metrics["config"] = {
-            "basis": {"kind": kind},
-            "reg": {"kind": "l2"},
-            "probe": {"kind": "softmax"},
-        }
-        tracking.write_json(job / "metrics.json", metrics)
+        fake_job(job, [0.9], basis=kind)  # configs that differ only in the basis
         tensors = {"classes": torch.arange(12), "basis.encoder": encoder}
         tensors["layer_0.weight"] = weight @ encoder  # the same probe, read in this basis
-        tracking.write_tensors(job / "probes.safetensors", tensors, {"basis": kind})
+        files.write_tensors(job / "probes.safetensors", tensors, {"basis": kind})
     text = report.write_sweep_report(sweep).read_text()
     lines = section(text, "## Orthonormal bases under l2")
     row = next(line for line in lines.splitlines() if line.startswith("| #1 basis=pca |"))
@@ -204,7 +202,7 @@ def test_report_draws_accuracy_against_k_for_every_job_that_has_it(tmp_path: Pat
     sweep = tmp_path / "sweep"
     job = sweep / "0_basis=pca"
     hydra_files(job, ["basis=pca"])
-    metrics = fake_job(job, [0.9, 0.8])
+    metrics = fake_job(job, [0.9, 0.8], statistics=True)
     points = [
         {"layer": layer, "k": k, "kind": kind, "seed": seed, "top1": 0.5 + k / 100,
          "top1_ci": [0.45 + k / 100, 0.55 + k / 100], "converged": True}
@@ -212,8 +210,8 @@ def test_report_draws_accuracy_against_k_for_every_job_that_has_it(tmp_path: Pat
         for k in (4, 8)
         for kind, seed in (("top", None), ("bottom", None), ("random", 0), ("random", 1))
     ]  # fmt: skip
-    metrics["statistics"] = {"entries": [], "accuracy_vs_k": points}
-    tracking.write_json(job / "metrics.json", metrics)
+    metrics["statistics"]["accuracy_vs_k"] = points
+    files.write_json(job / "metrics.json", metrics)
     text = report.write_sweep_report(sweep).read_text()
     assert f"]({report.K_PLOT})" in section(text, "## Accuracy against k")
     width, height = png_size(sweep / report.K_PLOT)

@@ -37,8 +37,9 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
+from probe_sweep.files import write_json
 from probe_sweep.jobs import FITS, PRUNED
-from probe_sweep.tracking import TrackerConfig, track_study, write_json
+from probe_sweep.tracking import TrackerConfig, track_study
 from probe_sweep.tuning import JOURNAL, PRUNER_ATTR, make_pruner, open_storage, quote_override
 
 from ._summary import ridge_path_of, write_summary
@@ -313,7 +314,8 @@ class OptunaSweeperImpl:
         summary = write_summary(study, self.sweep_dir / name, ridge_path_of(returns), extra)
         if summary is not None and tracker is not None and returns:
             # Only a run that added trials logs the study, to its one W&B run (same id).
-            track_study(tracker, summary, [self.sweep_dir / name / "objective_by_param.png"])
+            images = [self.sweep_dir / name / "objective_by_param.png"]
+            track_study(tracker, summary, images, self.sweep_dir)
         return returns
 
     @staticmethod

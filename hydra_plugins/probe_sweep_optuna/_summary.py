@@ -14,7 +14,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from probe_sweep.tracking import plt, save_figure
+from probe_sweep.plots import plt, save_figure
 
 log = logging.getLogger(__name__)
 
