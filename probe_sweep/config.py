@@ -16,6 +16,7 @@ from probe_sweep.activations import ActivationsConfig
 from probe_sweep.bases import BasisConfig
 from probe_sweep.data import DataConfig
 from probe_sweep.errors import UserError
+from probe_sweep.inputs import TargetConfig
 from probe_sweep.jobs import prepare_launchers
 from probe_sweep.layers import LayersConfig
 from probe_sweep.model import ModelConfig
@@ -31,6 +32,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     reg: RegConfig = field(default_factory=RegConfig)
@@ -95,6 +97,7 @@ def to_typed(cfg: DictConfig) -> Config:
     stats = config.statistics
     _check(stats.n_permutations >= 2, "statistics.n_permutations must be >= 2")
     _check(stats.control_labels >= 2, "statistics.control_labels must be >= 2")
+    _check(stats.max_classes >= 0, "statistics.max_classes must be >= 0 (0 = all classes)")
     _check(
         config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:"),
         f"device={config.device!r} is not one of auto, cpu, cuda, cuda:<index>",

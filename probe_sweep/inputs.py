@@ -16,6 +16,15 @@ from probe_sweep.rows import Rows
 
 
 @dataclass
+class TargetConfig:
+    """Which token the probe reads out: the one ``offset`` content positions from the hidden
+    state's own (0: the token there; -1: the one before it; +1: the next token, the logit
+    lens's question). Positions whose target falls outside their sequence are left out."""
+
+    offset: int = 0
+
+
+@dataclass
 class Split:
     """Row indices, labels (class positions, -1 outside the class set) and the frequent-type
     mask of each part (TRAIN, VAL, TEST) of the corpus."""
@@ -28,14 +37,33 @@ class Split:
     sequences: dict[int, np.ndarray]  # sequence id of every row: intervals resample these
     n_train_types: int
     n_frequent_types: int
+    n_outside: int  # positions left out: their target lies outside the sequence
+
+
+def shifted_targets(grid: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """The token ``offset`` positions on from each position of each sequence (n_seq, n),
+    flattened, and where there is one (``|offset| < n``, checked with the config)."""
+    n = grid.shape[1]
+    shifted, inside = np.zeros_like(grid), np.zeros(grid.shape, dtype=bool)
+    if offset >= 0:
+        shifted[:, : n - offset], inside[:, : n - offset] = grid[:, offset:], True
+    else:
+        shifted[:, -offset:], inside[:, -offset:] = grid[:, : n + offset], True
+    return shifted.reshape(-1), inside.reshape(-1)
 
 
 def split_labels(
-    corpus: Corpus, probe_classes: ClassSet, vocab_size: int, device: torch.device
+    corpus: Corpus,
+    probe_classes: ClassSet,
+    vocab_size: int,
+    device: torch.device,
+    offset: int = 0,
 ) -> Split:
-    """Labels of every part; the classes are the types seen in training, or the vocabulary."""
-    targets = corpus.targets.reshape(-1)
-    rows = {part: corpus.rows(part) for part in (TRAIN, VAL, TEST)}
+    """Labels of every part (the token ``offset`` positions on); the classes are the types seen
+    in training, or the vocabulary."""
+    targets, inside = shifted_targets(corpus.targets, offset)
+    every = {part: corpus.rows(part) for part in (TRAIN, VAL, TEST)}
+    rows = {part: r[inside[r]] for part, r in every.items()}
     train_tokens = targets[rows[TRAIN]]
     seen = np.unique(train_tokens)
     classes = seen if probe_classes is ClassSet.seen else np.arange(vocab_size)
@@ -54,6 +82,7 @@ def split_labels(
         sequences={p: r // corpus.targets.shape[1] for p, r in rows.items()},
         n_train_types=len(seen),
         n_frequent_types=len(frequent_set),
+        n_outside=int(sum(len(every[p]) - len(rows[p]) for p in every)),
     )
 
 

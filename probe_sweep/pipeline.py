@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from probe_sweep.probes import (
 )
 from probe_sweep.rows import Rows
 from probe_sweep.statistics.bootstrap import SequenceBootstrap
+from probe_sweep.statistics.mdl import online_codelength_rows
 from probe_sweep.statistics.nulls import interval
 
 log = logging.getLogger("probe_sweep")
@@ -90,6 +92,12 @@ def cache_activations(
     check_basis_config(config.basis, info.d_model)
     layers = resolve_layers(config.layers, info.n_layers)
     corpus = build_corpus(config.data, tokenizer, info.max_positions, config.seed)
+    n_content = corpus.targets.shape[1]
+    if abs(config.target.offset) >= n_content:
+        raise UserError(
+            f"target.offset={config.target.offset} leaves no position with a target in "
+            f"sequences of {n_content} tokens; use |offset| < {n_content} or raise data.seq_len"
+        )
     log.info(
         "Model %s (%d layers, d=%d) on %s; corpus %s",
         *(info.name, info.n_layers, info.d_model, device, corpus.description),
@@ -123,7 +131,9 @@ def prepare_inputs(
     """The model's cached hidden states, split and labelled, in the configured basis, with the
     scorer every probe of this model is scored by."""
     acts = cache_activations(config, device, init_seed)
-    split = split_labels(acts.corpus, config.probe.classes, acts.info.vocab_size, device)
+    split = split_labels(
+        acts.corpus, config.probe.classes, acts.info.vocab_size, device, config.target.offset
+    )
     counts = np.bincount(split.targets[split.rows[TRAIN]], minlength=acts.info.vocab_size)
     basis = build_basis(config.basis, acts.embedding, counts, config.seed)
     bootstrap = SequenceBootstrap(split.sequences[TEST], config.statistics.n_bootstrap, config.seed)
@@ -266,6 +276,41 @@ def input_covariances(inputs: Inputs, fitted: Fitted) -> dict[str, torch.Tensor]
 # --- baselines, controls and lenses ------------------------------------------------------------
 
 
+def control_labels(config: Config, inputs: Inputs, vocab_size: int) -> dict[int, torch.Tensor]:
+    """The control task's label of every row of every part (a fixed random label per type)."""
+    mapping = pstats.control_task_labels(vocab_size, config.statistics.control_labels, config.seed)
+    return {
+        part: torch.from_numpy(mapping[inputs.split.targets[rows]]).to(inputs.device)
+        for part, rows in inputs.split.rows.items()
+    }
+
+
+def description_lengths(
+    config: Config, inputs: Inputs, fitted: Fitted, vocab_size: int
+) -> list[dict[str, Any]]:
+    """The online code length of the input token at each layer, and of the control task (Voita
+    & Titov 2020); adds ``mdl_compression`` and ``control_mdl_compression`` to the rows."""
+    control = control_labels(config, inputs, vocab_size)
+    n_classes, n_control = len(inputs.split.classes), config.statistics.control_labels
+    out = []
+    for row in fitted.rows:
+        layer, train = row["layer"], inputs(TRAIN, row["layer"])
+        tasks = {
+            "identity": (train, n_classes),
+            "control": (train.with_labels(control[TRAIN]), n_control),
+        }
+        for task, (rows, classes) in tasks.items():
+            code = online_codelength_rows(
+                rows, classes, config.reg, config.probe, seed=config.seed,
+                desc=f"layer {layer} {task} MDL",
+            )  # fmt: skip
+            out.append({"layer": layer, "task": task, **code})
+            prefix = "" if task == "identity" else "control_"
+            row[f"{prefix}mdl_compression"] = code["compression"]
+            row[f"{prefix}mdl_bits_per_token"] = code["bits_per_token"]
+    return out
+
+
 def control_probes(
     config: Config, scorer: Scorer, fitted: Fitted, vocab_size: int, checkpoint: jobs.FitCheckpoint
 ) -> dict[str, FitResult]:
@@ -273,12 +318,8 @@ def control_probes(
     fixed random label per token type (a task only memorising types can solve). Adds
     ``control_top1`` and ``selectivity`` (identity minus control top-1, paired interval) to the
     rows; returns the control fits by the identity probe's name."""
-    inputs, split, n_labels = scorer.inputs, scorer.inputs.split, config.statistics.control_labels
-    mapping = pstats.control_task_labels(vocab_size, n_labels, config.seed)
-    labels = {
-        p: torch.from_numpy(mapping[split.targets[r]]).to(inputs.device)
-        for p, r in split.rows.items()
-    }
+    inputs, n_labels = scorer.inputs, config.statistics.control_labels
+    labels = control_labels(config, inputs, vocab_size)
     fits = {}
     for row in fitted.rows:
         layer, name = row["layer"], f"control_layer_{row['layer']}"
@@ -423,6 +464,8 @@ def measure(
     )
     statistics = pstats.job_statistics(job, stats_cfg, config.seed)
     statistics["basis"] = {"name": inputs.basis.name, **inputs.basis.info}
+    if stats_cfg.mdl and config.layers.mode is not LayerMode.pooled:
+        statistics["mdl"] = description_lengths(config, inputs, fitted, acts.info.vocab_size)
     if stats_cfg.k_sweep and config.layers.mode is not LayerMode.pooled:
         statistics["accuracy_vs_k"] = [
             point
@@ -468,7 +511,7 @@ def run_job(
     clock.append(time.perf_counter())
 
     metrics = job_metrics(config, acts, split, fitted, statistics, basis.name, clock)
-    metrics.update(job=job, config=resolved)
+    metrics.update(resources=resources(device), job=job, config=resolved)
     write_job_files(out_dir, metrics, fitted.fits, split.classes, basis)
     checkpoint.discard()
     return metrics
@@ -505,6 +548,7 @@ def job_metrics(
             "strength": config.reg.strength,
             "classes": config.probe.classes.value,
             "n_classes": int(len(split.classes)),
+            "target_offset": config.target.offset,
             "tol": config.probe.tol,
             "all_converged": all(converged),
         },
@@ -517,6 +561,7 @@ def job_metrics(
             "n_train_types": split.n_train_types,
             "n_frequent_types": split.n_frequent_types,
             "n_test_unseen": int((split.labels[TEST] < 0).sum()),
+            "n_outside_target": split.n_outside,
         },
         "cache": {
             "key": acts.store.meta["key"],
@@ -536,6 +581,16 @@ def job_metrics(
         "statistics": statistics,
         "ridge_path": ridge_path(fitted.fits, config.probe.path_strengths),
     }
+
+
+def resources(device: torch.device) -> dict[str, Any]:
+    """Where the job ran and its peak memory: resident (this process, MiB) and on the GPU."""
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out: dict[str, Any] = {"device": str(device), "peak_rss_mb": round(peak_rss, 1)}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 def ridge_path(fits: dict[str, FitResult], strengths: list[float]) -> dict[str, Any] | None:

@@ -20,14 +20,19 @@ from probe_sweep.model import (
 )
 
 # The same tiny model a user gets with model=tiny: one definition, read from its config file.
-TINY: ModelConfig = OmegaConf.to_object(
-    OmegaConf.merge(
-        OmegaConf.structured(ModelConfig),
-        OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/tiny.yaml"),
-    )
-)
 MINILM = ModelConfig()
 CPU = torch.device("cpu")
+
+
+def conf_model(name: str) -> ModelConfig:
+    """A conf/model/<name>.yaml as the app composes it."""
+    path = Path(__file__).resolve().parents[1] / f"conf/model/{name}.yaml"
+    return OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    )
+
+
+TINY = conf_model("tiny")
 
 
 def test_tiny_model_has_the_parameter_count_of_its_config() -> None:
@@ -37,6 +42,17 @@ def test_tiny_model_has_the_parameter_count_of_its_config() -> None:
     # wte 30522x64 (tied with lm_head) + wpe 256x64 + 2 blocks x 49,984 + ln_f 128
     assert n_params == 30522 * 64 + 256 * 64 + 2 * 49_984 + 128
     assert model.info.n_layers == 2 and model.info.d_model == 64
+
+
+def test_the_gpt2_xl_shaped_model_has_gpt2_xl_s_parameter_count() -> None:
+    # Built on the meta device: the shapes without 6 GB of weights. GPT-2 XL has 1,557,611,200.
+    cfg = conf_model("gpt2-xl-random")
+    info = inspect_model(cfg, 30522)
+    assert (info.n_layers, info.d_model, info.vocab_size) == (48, 1600, 50257)
+    with torch.device("meta"):
+        model = load_model(cfg, 30522, torch.device("meta"), seed=0)
+    assert sum(p.numel() for p in model.module.parameters()) == 1_557_611_200
+    assert model.unembedding is not None and model.unembedding.shape == (50257, 1600)
 
 
 def test_tiny_model_exposes_tied_unembedding_and_final_norm() -> None:

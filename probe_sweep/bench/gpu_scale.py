@@ -84,6 +84,10 @@ def section_gpu_scale(
     run = run_cli_job(
         [*overrides, f"hydra.run.dir={run_dir}"], work, job_env(work, "gpu-cache"), "  | "
     )
+    keep = Path(args.output).parent  # the job's own record, beside the report
+    for name in ("metrics.json", "probe_sweep.log", "accuracy_by_layer.png"):
+        if (run_dir / name).exists():
+            shutil.copy(run_dir / name, keep / f"gpu_scale_{name}")
     figures = job_figures(run_dir, run)
     shutil.rmtree(cache, ignore_errors=True)
     progress(f"gpu scale: job done in {run.seconds:.0f} s")

@@ -1,0 +1,65 @@
+"""Target offset: the probe at a position reads out the token ``offset`` positions away."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probe_sweep.data import TEST, TRAIN, VAL, Corpus
+from probe_sweep.inputs import split_labels
+from probe_sweep.probes import ClassSet, ProbeConfig, RegConfig, fit_softmax_probe, score_probe
+from probe_sweep.rows import in_memory
+
+CPU = torch.device("cpu")
+VOCAB, D = 40, 32
+
+
+def copy_task(n_seq: int = 80, n: int = 24, seed: int = 0) -> tuple[Corpus, torch.Tensor]:
+    """Random tokens, and hidden states that hold the previous token by construction: the
+    state at a position is the embedding of the token before it plus noise (the first
+    position of each sequence holds noise only)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, size=(n_seq, n))
+    split = np.full(n_seq, TRAIN, dtype=np.int8)
+    split[-20:-10], split[-10:] = VAL, TEST
+    corpus = Corpus(ids, np.ones(n, dtype=bool), split, "planted copy task")
+    embedding = torch.from_numpy(rng.normal(size=(VOCAB, D))).float()
+    previous = np.roll(ids, 1, axis=1)
+    hidden = embedding[torch.from_numpy(previous)]
+    hidden[:, 0] = 0.0
+    hidden += 0.3 * torch.from_numpy(rng.normal(size=hidden.shape)).float()
+    return corpus, hidden.reshape(n_seq * n, D)
+
+
+def held_out_top1(offset: int) -> tuple[float, int]:
+    corpus, hidden = copy_task()
+    split = split_labels(corpus, ClassSet.seen, VOCAB, CPU, offset)
+    rows = {p: in_memory(hidden[split.rows[p]], split.labels[p]) for p in (TRAIN, TEST)}
+    fit = fit_softmax_probe(rows[TRAIN], len(split.classes), RegConfig(), ProbeConfig())
+    assert fit.convergence["converged"]
+    return score_probe(fit.probe, rows[TEST], split.frequent[TEST])["top1"], split.n_outside
+
+
+def test_the_planted_previous_token_is_read_at_offset_minus_one_only() -> None:
+    top1, outside = held_out_top1(-1)
+    assert top1 > 0.95
+    assert outside == 80  # the first position of each sequence has no previous token
+    top1_far, outside_far = held_out_top1(-3)
+    assert top1_far < 0.15  # chance is 1/40; the state says nothing of the token 3 back
+    assert outside_far == 3 * 80
+    top1_here, _ = held_out_top1(0)
+    assert top1_here < 0.15
+
+
+@pytest.mark.parametrize("offset", [-2, 0, 1, 3])
+def test_each_row_is_labelled_with_the_token_offset_positions_on(offset: int) -> None:
+    corpus, _ = copy_task(n_seq=30, n=8)
+    split = split_labels(corpus, ClassSet.vocab, VOCAB, CPU, offset)
+    grid = corpus.targets
+    for part in (TRAIN, VAL, TEST):
+        seq, pos = np.divmod(split.rows[part], grid.shape[1])
+        assert ((pos + offset >= 0) & (pos + offset < grid.shape[1])).all()
+        want = grid[seq, pos + offset]
+        assert (split.labels[part].numpy() == want).all()
+    assert split.n_outside == 30 * abs(offset)
