@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 
 from probe_sweep.files import temp_path
+from probe_sweep.offset_map import offset_sections
 from probe_sweep.plots import plot_accuracy_vs_k, plt, save_figure
 
 log = logging.getLogger("probe_sweep.report")
@@ -421,6 +422,7 @@ def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> 
     if k_points:
         plot_accuracy_vs_k(k_points, sweep_dir / K_PLOT, f"{where}: top-1 against k, per job")
         lines += ["", "## Accuracy against k", "", f"![top-1 against k, per job]({K_PLOT})"]
+    lines += offset_sections([(j.overrides, j.metrics or {}) for j in finished], sweep_dir)
     lines += ["", "## Orthonormal bases under l2: the same probe up to rotation", ""]
     lines += equivariance_lines(finished)
     lines += ["", "## Statistics by layer", ""]

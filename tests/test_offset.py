@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from probe_sweep.data import TEST, TRAIN, VAL, Corpus
 from probe_sweep.inputs import split_labels
+from probe_sweep.offset_map import offset_sections
 from probe_sweep.probes import ClassSet, ProbeConfig, RegConfig, fit_softmax_probe, score_probe
 from probe_sweep.rows import in_memory
+from tests.job_dirs import sample_metrics
 
 CPU = torch.device("cpu")
 VOCAB, D = 40, 32
@@ -63,3 +67,21 @@ def test_each_row_is_labelled_with_the_token_offset_positions_on(offset: int) ->
         want = grid[seq, pos + offset]
         assert (split.labels[part].numpy() == want).all()
     assert split.n_outside == 30 * abs(offset)
+
+
+def test_the_sweep_report_maps_top1_by_layer_and_offset(tmp_path: Path) -> None:
+    jobs = []
+    for offset, top1 in ((-1, 0.30), (0, 0.90), (1, 0.05)):
+        metrics = sample_metrics(statistics=False)
+        metrics["probe"]["target_offset"] = offset
+        for row in metrics["layers"]:
+            row["top1"], row["top1_ci"] = top1 + row["layer"] / 100, [top1 - 0.01, top1 + 0.01]
+        jobs.append(([f"target.offset={offset}", "basis=pca"], metrics))
+    other = sample_metrics(statistics=False)  # another basis, one offset: no map of its own
+    jobs.append((["target.offset=0", "basis=natural"], other))
+    lines = offset_sections(jobs, tmp_path)
+    assert (tmp_path / "report_offset_map_0.png").stat().st_size > 0
+    assert not (tmp_path / "report_offset_map_1.png").exists()
+    table = [line for line in lines if line.startswith("| 1 |")]
+    assert table == ["| 1 | 0.310 [0.290, 0.310] | 0.910 [0.890, 0.910] | 0.060 [0.040, 0.060] |"]
+    assert "| layer | offset -1 | offset +0 | offset +1 |" in lines
