@@ -230,7 +230,7 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: in
         module = auto.from_config(config)
     else:
         module = _from_pretrained(auto, cfg.path, cfg.revision, "model")
-    module.eval().to(device)
+    module.eval().requires_grad_(False).to(device)
     output = module.get_output_embeddings()
     info = inspect_model(cfg, vocab_size)
     fingerprint = {

@@ -28,13 +28,14 @@ from probe_sweep.bases import Basis, build_basis, check_basis_config
 from probe_sweep.config import Config
 from probe_sweep.data import TEST, TRAIN, VAL, Corpus, build_corpus
 from probe_sweep.errors import UserError
-from probe_sweep.inputs import Inputs, Split, read_rows, split_labels
+from probe_sweep.inputs import Inputs, Split, read_rows, shifted_targets, split_labels
 from probe_sweep.ksweep import accuracy_against_k
 from probe_sweep.layers import LayerMode, pooled_assignment, resolve_layers
 from probe_sweep.model import ModelInfo, inspect_model, load_model, load_tokenizer
 from probe_sweep.probes import (
     FitResult,
     ProbeKind,
+    RegKind,
     fit_ridge_probe,
     fit_softmax_probe,
     score_probe,
@@ -43,9 +44,11 @@ from probe_sweep.probes import (
     token_scores,
 )
 from probe_sweep.rows import Rows
+from probe_sweep.solver import minimise
 from probe_sweep.statistics.bootstrap import SequenceBootstrap
 from probe_sweep.statistics.mdl import online_codelength_rows
 from probe_sweep.statistics.nulls import interval
+from probe_sweep.statistics.tuned_lens import LENS_ROW_FIELDS, LensTargets, TranslatorObjective
 
 log = logging.getLogger("probe_sweep")
 LayerHook = Callable[[int, dict[str, Any]], None]
@@ -165,9 +168,9 @@ def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
     return fit_softmax_probe(task.train, task.n_classes, config.reg, config.probe, desc=desc)
 
 
-def log_fit(name: str, fit: FitResult) -> None:
-    """One line per fitted probe: logs and SLURM files get this instead of progress bars."""
-    c = fit.convergence
+def log_fit(name: str, c: dict[str, Any]) -> None:
+    """One line per fit (``c``: its convergence record): logs and SLURM files get this instead
+    of progress bars."""
     if c.get("solver") == "closed_form":
         return
     state = "converged" if c["converged"] else "NOT converged"
@@ -249,7 +252,7 @@ def fit_identity_probes(
         fits[name] = checkpoint.get_or_fit(
             prefix + name, lambda task=task, name=name: fit_probe(config, task, prefix + name)
         )
-        log_fit(prefix + name, fits[name])
+        log_fit(prefix + name, fits[name].convergence)
     fitted = Fitted(fits, train_layers, [], {})
     for layer in layers:
         row, fitted.correct[layer] = scorer(fits[names[layer]], layer, names[layer])
@@ -330,7 +333,7 @@ def control_probes(
                 config.probe, desc=f"layer {layer} control probe",
             ),
         )  # fmt: skip
-        log_fit(name, fit)
+        log_fit(name, fit.convergence)
         control, correct = scorer(fit, layer, name, labels)
         draws = scorer.bootstrap.draws(fitted.correct[layer]) - scorer.bootstrap.draws(correct)
         row.update(control_top1=control["top1"], control_top1_ci=control["top1_ci"])
@@ -417,13 +420,61 @@ def lens_probe_scores(
                 desc=f"layer {layer} logit-lens probe",
             ),
         )  # fmt: skip
-        log_fit(name, fit)
+        log_fit(name, fit.convergence)
         tokens = token_scores(fit.probe, guess(TEST))
         draws = scorer.bootstrap.draws(fitted.correct[layer])
         draws -= scorer.bootstrap.draws(tokens["correct1"])
         row["lens_probe_top1"] = float(tokens["correct1"].mean())
         row["hidden_minus_lens_probe_top1"] = row["top1"] - row["lens_probe_top1"]
         row["hidden_minus_lens_probe_top1_ci"] = interval(draws)
+
+
+def compare_lenses(config: Config, acts: Activations, scorer: Scorer, fitted: Fitted) -> list:
+    """Per layer, on held-out positions: the logit lens's and a tuned lens's top-1 for the
+    current and the next token (95% intervals over held-out sequences) and their KL to the final
+    layer's distribution, beside the identity probe's top-1. Each tuned-lens translator is fitted
+    on ``statistics.lens_train_rows`` training positions (``statistics/tuned_lens.py``)."""
+    final, unembedding, norm = acts.final_layer, acts.unembedding, acts.final_norm
+    if unembedding is None or final is None:
+        log.info("Lens comparison skipped: it needs an unembedding and the final layer extracted")
+        return []
+    stats_cfg, split, device = config.statistics, scorer.inputs.split, scorer.inputs.device
+    train = split.rows[TRAIN][: stats_cfg.lens_train_rows]
+    test, sequences = split.rows[TEST][: stats_cfg.lens_rows], split.sequences[TEST]
+    following, has_next = shifted_targets(acts.corpus.targets, 1)
+    final_logits = pstats.lens_logits(read_rows(acts.store, final, test), unembedding, None, False)
+    held_out = LensTargets.of(
+        test, acts.corpus.targets.reshape(-1), following, has_next,
+        SequenceBootstrap(sequences[: len(test)], stats_cfg.n_bootstrap, config.seed),
+        final_logits.to(device),
+    )  # fmt: skip
+    l2 = config.reg.strength if config.reg.kind is RegKind.l2 else 0.0
+    out = []
+    for row in fitted.rows:
+        layer = row["layer"]
+        hidden = read_rows(acts.store, layer, test).to(device)
+        logit_lens = pstats.lens_logits(hidden, unembedding, norm, layer != final)
+        tuned_lens, conv = logit_lens, {"converged": True, "iterations": 0}
+        if layer != final:
+            objective = TranslatorObjective(
+                read_rows(acts.store, layer, train).to(device),
+                read_rows(acts.store, final, train).to(device), unembedding, norm, l2,
+            )  # fmt: skip
+            desc = f"layer {layer} tuned lens"
+            params, conv = minimise(
+                objective, None, 0.0, config.probe.tol, config.probe.max_iter, desc=desc
+            )[:2]
+            tuned_lens = objective.logits(params, hidden).detach()
+            log_fit(f"tuned_lens_layer_{layer}", conv)
+        result = {"layer": layer, "probe_top1": row["top1"], "probe_top1_ci": row.get("top1_ci")}
+        result.update(held_out.scores("logit_lens", logit_lens))
+        result.update(held_out.scores("tuned_lens", tuned_lens))
+        result.update(
+            tuned_lens_converged=conv["converged"], tuned_lens_iterations=conv["iterations"]
+        )
+        row.update({k: v for k, v in result.items() if k.startswith(LENS_ROW_FIELDS)})
+        out.append(result)
+    return out
 
 
 def measure(
@@ -464,6 +515,8 @@ def measure(
     )
     statistics = pstats.job_statistics(job, stats_cfg, config.seed)
     statistics["basis"] = {"name": inputs.basis.name, **inputs.basis.info}
+    if stats_cfg.lens_comparison and config.layers.mode is not LayerMode.pooled:
+        statistics["lens_comparison"] = compare_lenses(config, acts, scorer, fitted)
     if stats_cfg.mdl and config.layers.mode is not LayerMode.pooled:
         statistics["mdl"] = description_lengths(config, inputs, fitted, acts.info.vocab_size)
     if stats_cfg.k_sweep and config.layers.mode is not LayerMode.pooled:
@@ -633,5 +686,5 @@ def write_job_files(
     statistics = metrics["statistics"]
     if statistics.get("entries"):
         log.info("Statistics (nulls):\n%s", pstats.format_entries(statistics["entries"]))
-    if statistics.get("logit_lens") or any("control_top1" in r for r in rows):
-        log.info("Logit lens / controls by layer:\n%s", pstats.format_layers(rows))
+    if any(field in row for row in rows for field in pstats.LAYER_FIELDS[1:]):
+        log.info("Baselines, controls, lenses, MDL by layer:\n%s", pstats.format_layers(rows))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -73,6 +74,11 @@ class SoftmaxObjective:
         g_weight.div_(n).add_(weight, alpha=2 * self.l2)
         return value, (g_weight, g_bias.div_(n))
 
+    def zero(self) -> Params:
+        """The zero probe: where the solver starts unless a warm start is better."""
+        like = self.mean
+        return like.new_zeros(self.n_classes, self.rows.d), like.new_zeros(self.n_classes)
+
     @torch.no_grad()
     def lipschitz(self) -> float:
         """An upper bound on the smooth part's curvature: lambda_max of the second moment of
@@ -104,8 +110,18 @@ def _min_norm_subgradient(params: Params, grads: Params, l1: float) -> Params:
     return torch.where(weight != 0, g_weight + l1 * weight.sign(), shrunk), g_bias
 
 
+class Objective(Protocol):
+    """A smooth function of two parameter tensors, with its gradient, and the zero point the
+    solver starts from: ``SoftmaxObjective`` (convex) and the tuned lens's translator objective.
+    An l1 penalty (FISTA) needs a ``SoftmaxObjective``, for its curvature bound."""
+
+    def __call__(self, params: Params, grad: bool = True) -> tuple[float, Params | None]: ...
+
+    def zero(self) -> Params: ...
+
+
 def minimise(
-    objective: SoftmaxObjective,
+    objective: Objective,
     start: Params | None,
     l1: float,
     tol: float,
@@ -116,11 +132,7 @@ def minimise(
     """The probe minimising ``objective`` (+ ``l1 * ||W||_1``), from the zero probe or
     ``start``, whichever has the lower objective. Returns the parameters, a convergence
     record and the objective at every evaluation."""
-    like = objective.mean
-    zero = (
-        like.new_zeros(objective.n_classes, objective.rows.d),
-        like.new_zeros(objective.n_classes),
-    )
+    zero = objective.zero()
     value0, grads0 = objective(zero)
     assert grads0 is not None
     reference = max(_max_abs(grads0), 1e-12)
@@ -132,6 +144,7 @@ def minimise(
     history: list[dict[str, float]] = []
     with tqdm(total=max_iter, desc=desc, unit="it", leave=False, disable=None) as bar:
         if l1:
+            assert isinstance(objective, SoftmaxObjective)
             params, iterations, evaluations = _fista(
                 objective, init, l1, tol * reference, max_iter, history, bar
             )
@@ -157,7 +170,7 @@ def minimise(
 
 
 def _lbfgs(
-    objective: SoftmaxObjective,
+    objective: Objective,
     init: Params,
     tolerance: float,
     max_iter: int,

@@ -39,6 +39,9 @@ class StatisticsConfig:
     also train a probe on the logit-lens log-probabilities (the model's own guess).
     ``k_sweep``: numbers of directions k at which top-k, bottom-k and random-k probes are
     fitted (accuracy against k; empty = off), with ``k_seeds`` random draws each.
+    ``lens_comparison``: per layer, the logit lens's and a tuned lens's top-1 for the current
+    and the next token beside the identity probe (models with an unembedding); each tuned-lens
+    translator is fitted on ``lens_train_rows`` training positions.
     ``mdl``: the online code length (MDL, Voita & Titov 2020) of the input token and of the
     control task at each layer, in bits, with the compression against the uniform code.
     ``max_classes``: statistics of the probe matrix use at most this many classes, a seeded
@@ -61,6 +64,8 @@ class StatisticsConfig:
     k_seeds: int = 3
     max_classes: int = 0
     mdl: bool = False
+    lens_comparison: bool = False
+    lens_train_rows: int = 4096
 
 
 def control_task_labels(vocab_size: int, n_labels: int, seed: int) -> np.ndarray:
@@ -273,6 +278,11 @@ LAYER_FIELDS = [
     "proj_unlikely",
     "proj_likely",
     "proj_random",
+    "logit_lens_next_top1",
+    "tuned_lens_top1",
+    "tuned_lens_next_top1",
+    "mdl_compression",
+    "control_mdl_compression",
 ]
 
 
