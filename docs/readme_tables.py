@@ -3,6 +3,9 @@
 python docs/readme_tables.py layers  <job dir>                # per layer, one job
 python docs/readme_tables.py bases   <sweep dir>              # one row per job and layer
 python docs/readme_tables.py k       <job dir>                # accuracy against k
+python docs/readme_tables.py mdl     <job dir>                # online code length by layer
+python docs/readme_tables.py lenses  <job dir>                # the lenses side by side
+python docs/readme_tables.py offsets <sweep dir>              # top-1 by layer and target offset
 """
 
 from __future__ import annotations
@@ -143,13 +146,75 @@ def k_table(metrics: dict[str, Any]) -> str:
     return table(["layer", "k", "top-k top-1", "bottom-k top-1", "random-k top-1 (range)"], rows)
 
 
+def mdl_table(metrics: dict[str, Any]) -> str:
+    rows = []
+    for layer in sorted({r["layer"] for r in metrics["statistics"]["mdl"]}):
+        by = {r["task"]: r for r in metrics["statistics"]["mdl"] if r["layer"] == layer}
+        cells = [str(layer)]
+        for task in ("identity", "control"):
+            r = by[task]
+            cells += [
+                f"{r['codelength_bits'] / 1000:,.1f}",
+                f"{r['uniform_bits'] / 1000:,.1f}",
+                f"{r['compression']:.2f}",
+                "yes" if r["all_converged"] else "no",
+            ]
+        rows.append(cells)
+    header = ["layer", "token: online kbit", "uniform kbit", "compression", "all fits converged"]
+    header += ["control: online kbit", "uniform kbit", "compression", "all fits converged"]
+    return table(header, rows)
+
+
+def lens_table(metrics: dict[str, Any]) -> str:
+    rows = []
+    for r in metrics["statistics"]["lens_comparison"]:
+        rows.append(
+            [
+                str(r["layer"]),
+                ci(r["probe_top1"], r["probe_top1_ci"]),
+                ci(r["logit_lens_top1"], r["logit_lens_top1_ci"]),
+                ci(r["tuned_lens_top1"], r["tuned_lens_top1_ci"]),
+                ci(r["logit_lens_next_top1"], r["logit_lens_next_top1_ci"]),
+                ci(r["tuned_lens_next_top1"], r["tuned_lens_next_top1_ci"]),
+                f"{r['logit_lens_kl']:.4f} / {r['tuned_lens_kl']:.4f}",
+                f"{r['tuned_lens_iterations']}, {'yes' if r['tuned_lens_converged'] else 'no'}",
+            ]
+        )
+    header = ["layer", "identity probe top-1", "logit lens: token", "tuned lens: token"]
+    header += ["logit lens: next", "tuned lens: next", "KL to final (logit / tuned)"]
+    header += ["translator iterations, converged"]
+    return table(header, rows)
+
+
+def offsets_table(sweep: Path) -> str:
+    by_offset = {}
+    for path in sorted(sweep.glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        by_offset[metrics["probe"]["target_offset"]] = metrics
+    offsets = sorted(by_offset)
+    layers = [r["layer"] for r in by_offset[offsets[0]]["layers"]]
+    rows = []
+    for i, layer in enumerate(layers):
+        rows.append(
+            [
+                str(layer),
+                *(
+                    ci(by_offset[o]["layers"][i]["top1"], by_offset[o]["layers"][i]["top1_ci"])
+                    for o in offsets
+                ),
+            ]
+        )
+    return table(["layer", *(f"offset {o:+d}" for o in offsets)], rows)
+
+
 def main(argv: list[str]) -> int:
     kind, where = argv[0], Path(argv[1])
-    if kind == "bases":
-        print(bases_table(where))
+    if kind in ("bases", "offsets"):
+        print(bases_table(where) if kind == "bases" else offsets_table(where))
         return 0
     metrics = json.loads((where / "metrics.json").read_text())
-    print(layers_table(metrics) if kind == "layers" else k_table(metrics))
+    tables = {"layers": layers_table, "k": k_table, "mdl": mdl_table, "lenses": lens_table}
+    print(tables[kind](metrics))
     return 0
 
 
