@@ -4,6 +4,7 @@ differ in anything else as well form one map per combination of the other settin
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def plot_offset_map(grid: Grid, path: Path, title: str) -> None:
         [[(grid[o].get(layer) or {}).get("top1", np.nan) for o in offsets] for layer in layers],
         dtype=float,
     )
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(offsets), 1.4 + 0.45 * len(layers)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 1.1 * len(offsets)), 2.0 + 0.45 * len(layers)))
     image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     for i, layer in enumerate(layers):
         for j, offset in enumerate(offsets):
@@ -68,8 +69,8 @@ def plot_offset_map(grid: Grid, path: Path, title: str) -> None:
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("target offset (token read out, relative to the position)")
     ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="held-out top-1 (95% interval)")
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
+    fig.colorbar(image, ax=ax, label="held-out top-1")
     fig.tight_layout()
     save_figure(fig, path)
 
