@@ -46,7 +46,7 @@ from probe_sweep.probes import (
 from probe_sweep.rows import Rows
 from probe_sweep.solver import minimise
 from probe_sweep.statistics.bootstrap import SequenceBootstrap
-from probe_sweep.statistics.mdl import online_codelength_rows
+from probe_sweep.statistics.mdl import online_codelength
 from probe_sweep.statistics.nulls import interval
 from probe_sweep.statistics.tuned_lens import LENS_ROW_FIELDS, LensTargets, TranslatorObjective
 
@@ -303,7 +303,7 @@ def description_lengths(
             "control": (train.with_labels(control[TRAIN]), n_control),
         }
         for task, (rows, classes) in tasks.items():
-            code = online_codelength_rows(
+            code = online_codelength(
                 rows, classes, config.reg, config.probe, seed=config.seed,
                 desc=f"layer {layer} {task} MDL",
             )  # fmt: skip

@@ -33,7 +33,7 @@ def linear_task(n: int = N, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_linear_labels_compress_far_below_uniform() -> None:
     x, y = linear_task()
-    result = online_codelength(x, y, C, RegConfig(), CFG)
+    result = online_codelength(in_memory(x, y), C, RegConfig(), CFG)
     assert result["n_tokens"] == N and result["n_dropped"] == 0
     assert result["uniform_bits"] == pytest.approx(N * 3.0)
     assert result["compression"] > 3
@@ -47,7 +47,7 @@ def test_linear_labels_compress_far_below_uniform() -> None:
 def test_random_labels_do_not_compress() -> None:
     x, _ = linear_task()
     y = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(1))
-    result = online_codelength(x, y, C, RegConfig(), CFG)
+    result = online_codelength(in_memory(x, y), C, RegConfig(), CFG)
     assert result["compression"] < 1.1
     # The online code is a valid code for y given x, chosen before y is seen; for labels drawn
     # uniformly, Kraft's inequality and Markov's give P(it beats uniform by k bits) <= 2^-k. A
@@ -59,7 +59,7 @@ def test_blocks_partition_the_rows_and_the_first_is_uniform() -> None:
     x, y = linear_task()
     y = y.clone()
     y[::10] = -1  # types outside the class set: dropped and counted
-    result = online_codelength(x, y, C, RegConfig(), CFG)
+    result = online_codelength(in_memory(x, y), C, RegConfig(), CFG)
     n = N - len(range(0, N, 10))
     assert result["n_dropped"] == N - n and result["n_tokens"] == n
     blocks = result["blocks"]
@@ -74,7 +74,7 @@ def test_blocks_partition_the_rows_and_the_first_is_uniform() -> None:
 
 def test_tiny_data_skips_empty_blocks() -> None:
     x, y = linear_task(n=60)
-    result = online_codelength(x, y, C, RegConfig(), CFG)
+    result = online_codelength(in_memory(x, y), C, RegConfig(), CFG)
     # round(f * 60) for the default schedule: 0, 0, 0, 0, 1, 2, 4, 8, 15, 30, 60
     assert [b["n_rows"] for b in result["blocks"]] == [1, 1, 2, 4, 7, 15, 30]
     assert result["blocks"][0]["bits"] == math.log2(C)  # one row, fewer than 2 classes seen next
@@ -91,9 +91,9 @@ def test_bad_fractions_are_refused() -> None:
 
 def test_same_seed_same_result_other_seed_other_order() -> None:
     x, y = linear_task(n=1000)
-    a = online_codelength(x, y, C, RegConfig(), CFG, seed=3)
-    b = online_codelength(x, y, C, RegConfig(), CFG, seed=3)
-    c = online_codelength(x, y, C, RegConfig(), CFG, seed=4)
+    a = online_codelength(in_memory(x, y), C, RegConfig(), CFG, seed=3)
+    b = online_codelength(in_memory(x, y), C, RegConfig(), CFG, seed=3)
+    c = online_codelength(in_memory(x, y), C, RegConfig(), CFG, seed=4)
     assert a == b
     assert a["codelength_bits"] != c["codelength_bits"]
 
@@ -110,7 +110,7 @@ def test_warm_start_is_the_same_map_and_changes_no_block() -> None:
     assert not torch.allclose(moved.weight, first.weight)
     torch.testing.assert_close(moved(x), first(x), atol=1e-4, rtol=1e-4)
 
-    result = online_codelength(x, y, C, RegConfig(), CFG, fractions=(0.25, 0.5, 1.0))
+    result = online_codelength(in_memory(x, y), C, RegConfig(), CFG, fractions=(0.25, 0.5, 1.0))
     assert result["all_converged"]
     order = torch.randperm(2000, generator=torch.Generator().manual_seed(0))
     xs, ys = x[order], y[order]

@@ -37,7 +37,7 @@ from probe_sweep.probes import (
     fit_softmax_probe,
     standardisation,
 )
-from probe_sweep.rows import Rows, in_memory
+from probe_sweep.rows import Rows
 
 # Voita & Titov's schedule: 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.25, 12.5, 25, 50, 100 % of the rows.
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
@@ -88,7 +88,7 @@ def _part(rows: Rows, start: int, end: int) -> Rows:
     return dataclasses.replace(rows, labels=rows.labels[start:end], index=rows.index[start:end])
 
 
-def online_codelength_rows(
+def online_codelength(
     rows: Rows,
     n_classes: int,
     reg: RegConfig,
@@ -149,19 +149,3 @@ def online_codelength_rows(
         "blocks": blocks,
         "all_converged": all(b["converged"] for b in blocks[1:]),
     }
-
-
-def online_codelength(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    n_classes: int,
-    reg: RegConfig,
-    cfg: ProbeConfig,
-    fractions: tuple[float, ...] | list[float] = DEFAULT_FRACTIONS,
-    seed: int = 0,
-    desc: str = "",
-) -> dict[str, Any]:
-    """``online_codelength_rows`` of inputs ``x`` and labels ``y`` held in memory."""
-    if not x.is_floating_point():
-        x = x.float()
-    return online_codelength_rows(in_memory(x, y), n_classes, reg, cfg, fractions, seed, desc)
