@@ -3,8 +3,10 @@ uniform when it is noise, with exact block bookkeeping and seeded reproducibilit
 
 from __future__ import annotations
 
+import json
 import math
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from probe_sweep.statistics.mdl import (
     code_bits,
     online_codelength,
 )
+from tests.conftest import TINY, run_cli
 
 CFG = ProbeConfig(tol=1e-4, max_iter=200)
 C, D, N = 8, 16, 4000
@@ -117,3 +120,32 @@ def test_warm_start_is_the_same_map_and_changes_no_block() -> None:
     cold = fit_softmax_probe(in_memory(xs[:1000], ys[:1000]), C, RegConfig(), CFG).probe
     expected = code_bits(cold, in_memory(xs[1000:], ys[1000:]))
     assert result["blocks"][2]["bits"] == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.e2e
+def test_a_job_reports_the_code_length_of_the_token_and_of_the_control_task(
+    tmp_path: Path,
+) -> None:
+    run_cli(
+        [
+            *TINY,
+            "data.token_budget=2000",
+            "layers=subset",
+            "layers.indices=[0]",
+            "statistics.control_task=false",
+            "statistics.mdl=true",
+            "tracker=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        tmp_path,
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    by_task = {r["task"]: r for r in metrics["statistics"]["mdl"]}
+    assert set(by_task) == {"identity", "control"}
+    token, control = by_task["identity"], by_task["control"]
+    assert token["n_tokens"] == metrics["counts"]["n_train_tokens"] - token["n_dropped"]
+    # Layer 0 holds the token: its code is far below the uniform code over the classes.
+    assert token["compression"] > 1.5 and control["compression"] > 0
+    row = metrics["layers"][0]
+    assert row["mdl_compression"] == token["compression"]
+    assert row["control_mdl_compression"] == control["compression"]
