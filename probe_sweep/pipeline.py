@@ -39,7 +39,6 @@ from probe_sweep.probes import (
     fit_ridge_probe,
     fit_softmax_probe,
     score_probe,
-    standardisation,
     summarise,
     token_scores,
 )
@@ -263,16 +262,21 @@ def fit_identity_probes(
 
 
 def input_covariances(inputs: Inputs, fitted: Fitted) -> dict[str, torch.Tensor]:
-    """Covariance (k, k) of each probe's training inputs, streamed in chunks of rows."""
+    """Covariance (k, k) of each probe's training inputs, from the sums of x and x x' in one
+    streamed pass (float64)."""
     out = {}
     for name, layers in fitted.train_layers.items():
         rows = inputs(TRAIN, layers)
-        mean = standardisation(rows)[0].double()
-        cov = torch.zeros(rows.d, rows.d, dtype=torch.float64, device=mean.device)
+        device = inputs.device
+        total = torch.zeros(rows.d, dtype=torch.float64, device=device)
+        square = torch.zeros(rows.d, rows.d, dtype=torch.float64, device=device)
         for x, _ in rows.chunks(65536):
-            centred = x.double() - mean.to(x.device)
-            cov = cov.to(x.device) + centred.T @ centred
-        out[name] = (cov / max(len(rows) - 1, 1)).cpu()
+            x = x.to(device).double()
+            total += x.sum(0)
+            square += x.T @ x
+        n = len(rows)
+        cov = (square - torch.outer(total, total) / max(n, 1)) / max(n - 1, 1)
+        out[name] = cov.cpu()
     return out
 
 
@@ -449,6 +453,7 @@ def compare_lenses(config: Config, acts: Activations, scorer: Scorer, fitted: Fi
         final_logits.to(device),
     )  # fmt: skip
     l2 = config.reg.strength if config.reg.kind is RegKind.l2 else 0.0
+    final_train = read_rows(acts.store, final, train).to(device)
     out = []
     for row in fitted.rows:
         layer = row["layer"]
@@ -457,9 +462,8 @@ def compare_lenses(config: Config, acts: Activations, scorer: Scorer, fitted: Fi
         tuned_lens, conv = logit_lens, {"converged": True, "iterations": 0}
         if layer != final:
             objective = TranslatorObjective(
-                read_rows(acts.store, layer, train).to(device),
-                read_rows(acts.store, final, train).to(device), unembedding, norm, l2,
-            )  # fmt: skip
+                read_rows(acts.store, layer, train).to(device), final_train, unembedding, norm, l2
+            )
             desc = f"layer {layer} tuned lens"
             params, conv = minimise(
                 objective, None, 0.0, config.probe.tol, config.probe.max_iter, desc=desc

@@ -25,6 +25,11 @@ from probe_sweep.statistics.bootstrap import SequenceBootstrap
 from probe_sweep.statistics.lens import lens_logits
 
 
+def kl_divergence(target: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """KL(target || mine) of each row, from log-probabilities."""
+    return (target.exp() * (target - mine)).sum(-1)
+
+
 @dataclass
 class TranslatorObjective:
     """Mean KL(final || tuned lens) over rows, plus ``l2 * ||A||^2``; ``hidden`` (n, d) are the
@@ -57,7 +62,7 @@ class TranslatorObjective:
                 target = lens_logits(self.final[rows], self.unembedding, None, False)
                 target = target.log_softmax(-1)
                 mine = self.logits((weight, bias), self.hidden[rows]).log_softmax(-1)
-                kl = (target.exp() * (target - mine)).sum()
+                kl = kl_divergence(target, mine).sum()
                 if grad:
                     kl.backward()
                 total += kl.item()
@@ -76,13 +81,14 @@ LENS_ROW_FIELDS = ("logit_lens_next", "tuned_lens_")  # what the per-layer rows 
 @dataclass
 class LensTargets:
     """Held-out positions a lens is scored on: their current and next token (-1: none), which
-    have a next token, the bootstrap over their sequences, and the final layer's logits."""
+    have a next token, the bootstrap over their sequences, and the final layer's
+    log-probabilities."""
 
     current: torch.Tensor
     following: torch.Tensor
     has_next: np.ndarray
     bootstrap: SequenceBootstrap
-    final_logits: torch.Tensor
+    final_log_probs: torch.Tensor
 
     @classmethod
     def of(
@@ -101,7 +107,7 @@ class LensTargets:
             torch.from_numpy(after).to(device),
             has_next[rows],
             bootstrap,
-            final_logits,
+            final_logits.log_softmax(-1),
         )
 
     @torch.no_grad()
@@ -117,7 +123,6 @@ class LensTargets:
             chosen = hits if mask is None else hits[mask]
             out[f"{name}{which}_top1"] = float(chosen.mean()) if len(chosen) else None
             out[f"{name}{which}_top1_ci"] = self.bootstrap.interval(hits, mask)
-        target = self.final_logits.log_softmax(-1)
-        mine = logits.to(target.device).log_softmax(-1)
-        out[f"{name}_kl"] = (target.exp() * (target - mine)).sum(-1).mean().item()
+        mine = logits.to(self.final_log_probs.device).log_softmax(-1)
+        out[f"{name}_kl"] = kl_divergence(self.final_log_probs, mine).mean().item()
         return out
