@@ -13,16 +13,17 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from probe_sweep import jobs, tracking, tuning
-from probe_sweep.config import register_schema, to_typed
+from probe_sweep import jobdir, jobs, threads, tracking, tuning
+from probe_sweep.config import Config, register_schema, to_typed
 from probe_sweep.errors import UserError
 from probe_sweep.pipeline import run_job
 
@@ -36,7 +37,7 @@ jobs.prepare_launchers()
 def progress_bars_on_terminal_only() -> None:
     """Off a terminal (a SLURM or CI log, a pipe) every redraw of a progress bar is a line of
     its own: turn off the bars of transformers and huggingface_hub (weight loading, downloads)
-    there. Ours choose for themselves (``activations.ExtractionProgress``, tqdm's
+    there. Ours choose for themselves (``progress.ExtractionProgress``, tqdm's
     ``disable=None``). Decided in each job, not the launching process: a SLURM job's stderr is
     a file even when the sweep was started from a terminal. An explicit
     HF_HUB_DISABLE_PROGRESS_BARS is the user's choice and left alone."""
@@ -61,114 +62,134 @@ def track(
     if info is None:
         return False
     try:
-        jobs.mark_tracked(job.out_dir, key, info)
+        jobdir.mark_tracked(job.out_dir, key, info)
     except OSError as exc:  # the run is logged; a rerun may log it once more
         log.warning("Could not record in %s that the job was tracked: %s", job.out_dir, exc)
     return True
 
 
+def share_cores(hydra_cfg: DictConfig, multirun: bool) -> None:
+    """torch's and BLAS's threads: this job's share of the cores, not the whole machine."""
+    launcher = hydra_cfg.launcher
+    sharing = threads.concurrent_jobs(
+        launcher.get("_target_"),
+        launcher.get("n_jobs"),
+        Path(hydra_cfg.sweep.dir) / ".submitit",
+        threads.available_cores(),
+    )
+    threads.configure_threads(sharing if multirun else None)
+
+
+def skip_finished(
+    config: Config, hydra_cfg: DictConfig, resolved: dict[str, Any], key: str, done: Path
+) -> float | None:
+    """A resumed sweep's job whose results exist in ``done``: note it, track the results if the
+    job that wrote them was killed before its tracker ran, and return their objective."""
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    log.info("Skipped: complete results for this config in %s (redo=true reruns)", done)
+    jobdir.note_skipped(out_dir, done, key)
+    if config.tracker.mode.value != "disabled" and not jobdir.is_tracked(done, key):
+        job = dataclasses.replace(tracking.JobInfo.from_hydra(hydra_cfg), out_dir=done)
+        if track(config.tracker, job, resolved, key):
+            log.info(
+                "Tracked the results in %s now: the job that wrote them had stopped before the "
+                "tracker logged them",
+                done,
+            )
+    return tuning.objective(jobdir.read_metrics(done).layers, config.tuning)
+
+
+def run_and_track(
+    config: Config, hydra_cfg: DictConfig, resolved: dict[str, Any], key: str
+) -> float | None:
+    """Run the job on its own GPU (if several), then hand its results to the tracker."""
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    jobdir.clear_markers(out_dir, config.redo)
+    with jobs.claim_gpu(config.device) as device:
+        config.device = device
+        reporter = tuning.trial_reporter(config.tuning)
+        job_info = jobs.job_info(key, list(hydra_cfg.overrides.task))
+        metrics = run_job(config, resolved, out_dir, job_info, reporter)
+    # After metrics.json is on disk; never raises (a W&B failure is one warning line).
+    track(config.tracker, tracking.JobInfo.from_hydra(hydra_cfg), resolved, key)
+    return tuning.objective(metrics.layers, config.tuning)
+
+
+def stop_interrupted(hydra_cfg: DictConfig, multirun: bool) -> NoReturn:
+    """Ctrl-C: one line on what is kept and how to resume, then die of SIGINT as Python does for
+    an uncaught KeyboardInterrupt (status 130 in a shell, and a shell loop around the command
+    stops too), without the traceback."""
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    fitted = jobdir.count_fits(out_dir)
+    again = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if multirun else f"hydra.run.dir={out_dir}"
+    log.warning(
+        "Interrupted. Kept: the activation cache's complete entries and %s (%s). "
+        "To resume, run the same command with %s",
+        f"the {fitted} probe(s) fitted so far" if fitted else "no fitted probes yet",
+        out_dir / jobdir.FITS,
+        again,
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # another thread may take the signal a moment later
+    os._exit(130)
+
+
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C inside a lazy import comes out wrapped (transformers raises ModuleNotFoundError)."""
+    cause: BaseException | None = exc
+    for _ in range(20):
+        if cause is None or isinstance(cause, KeyboardInterrupt):
+            break
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(cause, KeyboardInterrupt)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one job; return the tuning objective (what an Optuna sweep optimises)."""
-    import time
-    from typing import NoReturn
-
-    from probe_sweep import threads
-
+    """Run one job; return the tuning objective (what an Optuna sweep optimises). In a multirun
+    a failed job writes failed.json and returns, so the other jobs still run."""
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    # In a multirun a failed job writes failed.json and returns, so the other jobs still run.
     multirun = hydra_cfg.mode is RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
-
-    def stop_interrupted() -> NoReturn:
-        """Ctrl-C: one line on what is kept and how to resume, then die of SIGINT as Python
-        does for an uncaught KeyboardInterrupt (status 130 in a shell, and a shell loop around
-        the command stops too), without the traceback."""
-        fitted = len(list((out_dir / jobs.FITS).glob(f"*{jobs.FIT_SUFFIX}")))
-        again = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if multirun else f"hydra.run.dir={out_dir}"
-        log.warning(
-            "Interrupted. Kept: the activation cache's complete entries and %s (%s). "
-            "To resume, run the same command with %s",
-            f"the {fitted} probe(s) fitted so far" if fitted else "no fitted probes yet",
-            out_dir / jobs.FITS,
-            again,
-        )
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if os.name == "posix":
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # another thread may take the signal a moment later
-        os._exit(130)
-
     try:
-        # torch's and BLAS's threads: this job's share of the cores, not the whole machine.
-        launcher = hydra_cfg.launcher
-        sharing = threads.concurrent_jobs(
-            launcher.get("_target_"),
-            launcher.get("n_jobs"),
-            Path(hydra_cfg.sweep.dir) / ".submitit",
-            threads.available_cores(),
-        )
-        threads.configure_threads(sharing if multirun else None)
+        share_cores(hydra_cfg, multirun)
         progress_bars_on_terminal_only()
         config = to_typed(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        key = jobs.job_key(resolved, jobs.SCHEMA_VERSION)  # type: ignore[arg-type]
-        sweep_dir = Path(hydra_cfg.sweep.dir)
-        done = jobs.find_complete(sweep_dir, key) if multirun and not config.redo else None
+        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[assignment]
+        key = jobdir.job_key(resolved)
+        done = None
+        if multirun and not config.redo:
+            done = jobdir.find_complete(Path(hydra_cfg.sweep.dir), key)
         if done is not None:
-            log.info("Skipped: complete results for this config in %s (redo=true reruns)", done)
-            jobs.note_skipped(out_dir, done, key)
-            if config.tracker.mode.value != "disabled" and not jobs.is_tracked(done, key):
-                # Killed after metrics.json, before tracking: log the run from the files now.
-                job = dataclasses.replace(tracking.JobInfo.from_hydra(hydra_cfg), out_dir=done)
-                if track(config.tracker, job, resolved, key):  # type: ignore[arg-type]
-                    log.info(
-                        "Tracked the results in %s now: the job that wrote them had stopped "
-                        "before the tracker logged them",
-                        done,
-                    )
-            return tuning.objective(jobs.load_metrics(done)["layers"], config.tuning)
-        jobs.clear_markers(out_dir, config.redo)
-        with jobs.claim_gpu(config.device) as device:
-            config.device = device
-            reporter = tuning.trial_reporter(config.tuning)
-            job_info = jobs.job_info(key, overrides)
-            metrics = run_job(config, resolved, out_dir, job_info, reporter)  # type: ignore[arg-type]
-        # After metrics.json is on disk; never raises (a W&B failure is one warning line).
-        job = tracking.JobInfo.from_hydra(HydraConfig.get())
-        track(config.tracker, job, resolved, key)  # type: ignore[arg-type]
-        return tuning.objective(metrics["layers"], config.tuning)
+            return skip_finished(config, hydra_cfg, resolved, key, done)
+        return run_and_track(config, hydra_cfg, resolved, key)
     except KeyboardInterrupt:
-        stop_interrupted()
+        stop_interrupted(hydra_cfg, multirun)
     except UserError as exc:
         log.error("error: %s", exc)
-        jobs.write_failed(out_dir, exc, overrides)
+        jobdir.write_failed(out_dir, exc, overrides)
         if not multirun:
             sys.exit(2)
     except Exception as exc:
-        # Ctrl-C inside a lazy import comes out wrapped (transformers raises ModuleNotFoundError).
-        cause: BaseException | None = exc
-        for _ in range(20):
-            if cause is None or isinstance(cause, KeyboardInterrupt):
-                break
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, KeyboardInterrupt):
-            stop_interrupted()
+        if caused_by_interrupt(exc):
+            stop_interrupted(hydra_cfg, multirun)
         if tuning.is_pruned(exc):
             log.info("Trial pruned by the study: %s", exc)
-            jobs.discard_fits(out_dir)  # a pruned trial is never run again
-            job = tracking.JobInfo.from_hydra(HydraConfig.get())
-            pruned = tuning.pruned_metrics(exc, resolved)  # type: ignore[arg-type]
-            tracking.track_job(config.tracker, job, resolved, pruned)  # type: ignore[arg-type]
+            jobdir.discard_fits(out_dir)  # a pruned trial is never run again
+            job = tracking.JobInfo.from_hydra(hydra_cfg)
+            tracking.track_job(config.tracker, job, resolved, tuning.pruned_metrics(exc, resolved))
             raise  # the Optuna sweeper records the trial as pruned
-        jobs.write_failed(out_dir, exc, overrides)
+        jobdir.write_failed(out_dir, exc, overrides)
         if not multirun:
             raise
         log.exception("error: %s: %s", type(exc).__name__, exc)
+    return None
 
 
 if __name__ == "__main__":

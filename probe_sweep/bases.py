@@ -36,8 +36,8 @@ NMF and the dictionary are fitted on ``fit_rows`` rows of W_E drawn with the see
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -45,20 +45,39 @@ import torch
 
 from probe_sweep.errors import UserError
 
-
-class BasisKind(Enum):
-    natural = "natural"
-    pca = "pca"
-    nmf = "nmf"
-    frequency = "frequency"
-    random = "random"
-    dictionary = "dictionary"
+Coordinates = tuple[np.ndarray, np.ndarray]  # directions (d, k), importance (k,)
 
 
-ORTHONORMAL = {BasisKind.natural, BasisKind.pca, BasisKind.frequency, BasisKind.random}
-# Bases whose axes are privileged (any rotation of them is a different basis): statistics on
-# a subset of their columns are compared with random subsets of columns, not random subspaces.
-AXIS_ALIGNED = {BasisKind.natural, BasisKind.nmf, BasisKind.dictionary}
+@dataclass(frozen=True)
+class Construction:
+    """One kind of basis: ``build(emb, cfg, token_counts, seed, info)`` returns its directions
+    and their importance (any order; ``build_basis`` sorts by importance unless ``ordered``) and
+    may add to ``info``. ``orthonormal``: the encoder is the directions themselves.
+    ``axis_aligned``: its axes are privileged (a rotation of them is another basis), so
+    statistics on a subset of its columns are compared with random subsets of columns, not random
+    subspaces. ``atoms(d)``: its size for width d when ``basis.n_components`` is unset (None:
+    always d). ``overcomplete``: it needs more than d atoms."""
+
+    build: Callable[[np.ndarray, BasisConfig, np.ndarray | None, int, dict[str, Any]], Coordinates]
+    orthonormal: bool
+    axis_aligned: bool
+    atoms: Callable[[int], int] | None = None
+    overcomplete: bool = False
+    ordered: bool = False  # keep the built order (the random basis: draw order)
+
+
+CONSTRUCTIONS: dict[str, Construction] = {}
+
+
+def construction(name: str, **kind: Any) -> Callable[[Callable[..., Coordinates]], Any]:
+    """Register a basis construction under ``name`` (``basis=<name>``; add conf/basis/<name>.yaml
+    so the config group lists it)."""
+
+    def register(build: Callable[..., Coordinates]) -> Callable[..., Coordinates]:
+        CONSTRUCTIONS[name] = Construction(build, **kind)
+        return build
+
+    return register
 
 
 @dataclass
@@ -68,7 +87,7 @@ class BasisConfig:
     dictionary (default 2d). ``n_nonzero``: OMP atoms per row for the dictionary. ``fit_rows``:
     W_E rows (seeded sample) nmf / dictionary are fitted on; ``max_iter`` their iterations."""
 
-    kind: BasisKind = BasisKind.natural
+    kind: str = "natural"
     top_k: int | None = None
     bottom_k: int | None = None
     n_components: int | None = None
@@ -110,11 +129,15 @@ class Basis:
 
 def check_basis_config(cfg: BasisConfig, d_model: int) -> None:
     """Value checks a type cannot express; cheap, so the entry point runs it before loading."""
+    if cfg.kind not in CONSTRUCTIONS:
+        raise UserError(
+            f"basis.kind={cfg.kind} is not a basis; choose one of {sorted(CONSTRUCTIONS)}"
+        )
     if cfg.top_k is not None and cfg.bottom_k is not None:
         raise UserError("set at most one of basis.top_k and basis.bottom_k")
     n_atoms = n_components(cfg, d_model)
-    if cfg.kind is BasisKind.dictionary and n_atoms <= d_model:
-        raise UserError(f"basis=dictionary needs n_components > d={d_model} (over-complete)")
+    if CONSTRUCTIONS[cfg.kind].overcomplete and n_atoms <= d_model:
+        raise UserError(f"basis={cfg.kind} needs n_components > d={d_model} (over-complete)")
     for name in ("top_k", "bottom_k"):
         k = getattr(cfg, name)
         if k is not None and not 1 <= k <= n_atoms:
@@ -124,11 +147,9 @@ def check_basis_config(cfg: BasisConfig, d_model: int) -> None:
 
 
 def n_components(cfg: BasisConfig, d_model: int) -> int:
-    if cfg.kind is BasisKind.nmf:
-        return cfg.n_components or d_model
-    if cfg.kind is BasisKind.dictionary:
-        return cfg.n_components or 2 * d_model
-    return d_model
+    """The basis's size before truncation: d, or its atoms (``basis.n_components`` or default)."""
+    atoms = CONSTRUCTIONS[cfg.kind].atoms
+    return d_model if atoms is None else cfg.n_components or atoms(d_model)
 
 
 def _eig_desc(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,83 +234,111 @@ def _relative_error(x: np.ndarray, approx: np.ndarray) -> float:
     return float(np.linalg.norm(x - approx) / max(np.linalg.norm(x), 1e-12))
 
 
+@construction("natural", orthonormal=True, axis_aligned=True)
+def natural_axes(
+    emb: np.ndarray, cfg: BasisConfig, counts: Any, seed: int, info: dict
+) -> Coordinates:
+    """The coordinate axes, by the variance of W_E along each."""
+    return np.eye(emb.shape[1]), emb.var(0)
+
+
+@construction("pca", orthonormal=True, axis_aligned=False)
+def principal_axes(
+    emb: np.ndarray, cfg: BasisConfig, counts: Any, seed: int, info: dict
+) -> Coordinates:
+    """Eigenvectors of the covariance of W_E's rows, by explained variance."""
+    centred = emb - emb.mean(0)
+    importance, directions = _eig_desc(centred.T @ centred / len(emb))
+    return directions, importance
+
+
+@construction("frequency", orthonormal=True, axis_aligned=False)
+def frequency_axes(
+    emb: np.ndarray, cfg: BasisConfig, counts: np.ndarray | None, seed: int, info: dict
+) -> Coordinates:
+    """Eigenvectors of the token-frequency-weighted covariance of W_E's rows."""
+    if counts is None or np.sum(counts) <= 0:
+        raise UserError("basis=frequency needs token counts from the training split")
+    p = np.asarray(counts, np.float64)[: len(emb)]
+    p = p / p.sum()
+    centred = emb - p @ emb
+    importance, directions = _eig_desc((centred * p[:, None]).T @ centred)
+    info["n_weighted_types"] = int((p > 0).sum())
+    return directions, importance
+
+
+@construction("random", orthonormal=True, axis_aligned=False, ordered=True)
+def random_axes(
+    emb: np.ndarray, cfg: BasisConfig, counts: Any, seed: int, info: dict
+) -> Coordinates:
+    """A seeded Haar-random orthogonal basis in draw order (its top-k: a random subspace)."""
+    directions = random_orthogonal(emb.shape[1], seed)
+    return directions, _variance_along(emb, directions)
+
+
+@construction("nmf", orthonormal=False, axis_aligned=True, atoms=lambda d: d)
+def nmf_atoms(emb: np.ndarray, cfg: BasisConfig, counts: Any, seed: int, info: dict) -> Coordinates:
+    """Signed NMF atoms of W_E, by the energy of their rank-1 terms."""
+    rows = _sample_rows(emb, cfg.fit_rows, seed)
+    loadings, atoms = nmf_factors(rows, n_components(cfg, emb.shape[1]), cfg.max_iter, seed)
+    info["reconstruction_error"] = _relative_error(rows, loadings @ atoms.T)
+    return atoms, (loadings**2).sum(0) * (atoms**2).sum(0)
+
+
+@construction(
+    "dictionary", orthonormal=False, axis_aligned=True, atoms=lambda d: 2 * d, overcomplete=True
+)
+def dictionary_atoms(
+    emb: np.ndarray, cfg: BasisConfig, counts: Any, seed: int, info: dict
+) -> Coordinates:
+    """An over-complete sparse dictionary (MOD) of W_E's centred, scaled rows, by code energy."""
+    rows = _sample_rows(emb, cfg.fit_rows, seed)
+    centred = rows - emb.mean(0)
+    scale = float(np.linalg.norm(centred, axis=1).mean()) or 1.0
+    n_atoms = n_components(cfg, emb.shape[1])
+    atoms, codes = mod_dictionary(centred / scale, n_atoms, cfg.n_nonzero, cfg.max_iter, seed)
+    info["reconstruction_error"] = _relative_error(centred / scale, codes @ atoms.T)
+    gram = np.abs(atoms.T @ atoms - np.eye(atoms.shape[1]))
+    info["max_atom_overlap"] = float(gram.max())
+    info["mean_atom_overlap"] = float(gram.sum() / (gram.size - len(gram)))
+    return atoms, (codes**2).sum(0)
+
+
+ORTHONORMAL = {name for name, c in CONSTRUCTIONS.items() if c.orthonormal}
+
+
 def build_basis(
     cfg: BasisConfig,
     embedding: torch.Tensor,
     token_counts: np.ndarray | None = None,
     seed: int = 0,
 ) -> Basis:
-    """The basis named by ``cfg`` for the model whose token embedding matrix is ``embedding``.
+    """The basis named by ``cfg`` for the model whose token embedding matrix is ``embedding``,
+    its columns by importance, truncated to ``top_k`` / ``bottom_k``.
 
     ``token_counts`` (V,): how often each token occurs in the training split (``frequency``).
     """
     emb = embedding.detach().double().cpu().numpy()
-    v, d = emb.shape
-    check_basis_config(cfg, d)
-    info: dict[str, Any] = {}
-    kind = cfg.kind
-    if kind is BasisKind.natural:
-        importance = emb.var(0)
+    check_basis_config(cfg, emb.shape[1])
+    kind, info = CONSTRUCTIONS[cfg.kind], {}
+    directions, importance = kind.build(emb, cfg, token_counts, seed, info)
+    if not kind.ordered:
         order = np.argsort(-importance, kind="stable")
-        directions, importance = np.eye(d)[:, order], importance[order]
-    elif kind is BasisKind.pca:
-        centred = emb - emb.mean(0)
-        importance, directions = _eig_desc(centred.T @ centred / v)
-    elif kind is BasisKind.frequency:
-        if token_counts is None or np.sum(token_counts) <= 0:
-            raise UserError("basis=frequency needs token counts from the training split")
-        p = np.asarray(token_counts, np.float64)[:v]
-        p = p / p.sum()
-        mean = p @ emb
-        centred = emb - mean
-        importance, directions = _eig_desc((centred * p[:, None]).T @ centred)
-        info["n_weighted_types"] = int((p > 0).sum())
-    elif kind is BasisKind.random:
-        directions = random_orthogonal(d, seed)
-        importance = _variance_along(emb, directions)
-    elif kind is BasisKind.nmf:
-        rows = _sample_rows(emb, cfg.fit_rows, seed)
-        loadings, atoms = nmf_factors(rows, n_components(cfg, d), cfg.max_iter, seed)
-        importance = (loadings**2).sum(0) * (atoms**2).sum(0)
-        order = np.argsort(-importance, kind="stable")
-        directions, importance = atoms[:, order], importance[order]
-        info["reconstruction_error"] = _relative_error(rows, loadings @ atoms.T)
-    else:
-        rows = _sample_rows(emb, cfg.fit_rows, seed)
-        centred = rows - emb.mean(0)
-        scale = float(np.linalg.norm(centred, axis=1).mean()) or 1.0
-        atoms, codes = mod_dictionary(
-            centred / scale, n_components(cfg, d), cfg.n_nonzero, cfg.max_iter, seed
-        )
-        importance = (codes**2).sum(0)
-        order = np.argsort(-importance, kind="stable")
-        directions, importance = atoms[:, order], importance[order]
-        info["reconstruction_error"] = _relative_error(centred / scale, codes @ atoms.T)
-        gram = np.abs(directions.T @ directions - np.eye(directions.shape[1]))
-        info["max_atom_overlap"] = float(gram.max())
-        info["mean_atom_overlap"] = float(gram.sum() / (gram.size - len(gram)))
-
+        directions, importance = directions[:, order], importance[order]
+    keep, name = slice(None), cfg.kind
     if cfg.top_k is not None:
-        keep = np.arange(cfg.top_k)
+        keep, name = slice(0, cfg.top_k), f"{name}_top{cfg.top_k}"
     elif cfg.bottom_k is not None:
-        keep = np.arange(directions.shape[1] - cfg.bottom_k, directions.shape[1])
-    else:
-        keep = np.arange(directions.shape[1])
+        keep, name = slice(directions.shape[1] - cfg.bottom_k, None), f"{name}_bottom{cfg.bottom_k}"
     directions, importance = directions[:, keep], importance[keep]
-    orthonormal = kind in ORTHONORMAL
-    encoder = directions if orthonormal else np.linalg.pinv(directions.T)
-    name = kind.value
-    if cfg.top_k is not None:
-        name += f"_top{cfg.top_k}"
-    elif cfg.bottom_k is not None:
-        name += f"_bottom{cfg.bottom_k}"
+    encoder = directions if kind.orthonormal else np.linalg.pinv(directions.T)
     info["size"] = int(directions.shape[1])
     return Basis(
         name=name,
-        directions=torch.from_numpy(directions).float(),
+        directions=torch.from_numpy(np.ascontiguousarray(directions)).float(),
         encoder=torch.from_numpy(np.ascontiguousarray(encoder)).float(),
         importance=torch.from_numpy(np.ascontiguousarray(importance)).float(),
-        orthonormal=orthonormal,
+        orthonormal=kind.orthonormal,
         info=info,
-        null_kind="coordinate" if kind in AXIS_ALIGNED else "haar",
+        null_kind="coordinate" if kind.axis_aligned else "haar",
     )

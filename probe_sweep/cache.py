@@ -19,14 +19,14 @@ from pathlib import Path
 
 from filelock import Timeout
 
-from probe_sweep.activations import (
+from probe_sweep.activations import default_cache_dir
+from probe_sweep.cache_entry import (
     KEY_RE,
     QUARANTINED_RE,
     STAMP,
     TMP_PREFIX,
     CacheDamaged,
     check_entry,
-    default_cache_dir,
     discard,
     entry_lock,
     last_used,

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probe_sweep.activations import ActivationStore
 from probe_sweep.bases import Basis
+from probe_sweep.cache_entry import ActivationStore
 from probe_sweep.data import TEST, TRAIN, VAL, Corpus
 from probe_sweep.probes import ClassSet, class_index, frequent_types
 from probe_sweep.rows import Rows

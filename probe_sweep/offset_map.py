@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from probe_sweep.plots import plt, save_figure
+from probe_sweep.tables import interval_cell, markdown_table
 
 OFFSET_KEY = "target.offset="
 Grid = dict[int, dict[int, dict[str, Any]]]  # offset -> layer -> that layer's scores
@@ -28,23 +29,18 @@ def offset_grids(jobs: list[tuple[list[str], dict[str, Any]]]) -> dict[str, Grid
     return {rest: grid for rest, grid in groups.items() if len(grid) > 1}
 
 
-def _interval(row: dict[str, Any] | None) -> str:
-    if not row or row.get("top1") is None:
-        return "–"
-    ci = row.get("top1_ci")
-    return f"{row['top1']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
 def offset_table(grid: Grid) -> list[str]:
     """Markdown: one row per layer, one column per offset, top-1 with its 95% interval."""
     offsets = sorted(grid)
     layers = sorted({layer for by_layer in grid.values() for layer in by_layer})
-    lines = ["| layer | " + " | ".join(f"offset {o:+d}" for o in offsets) + " |"]
-    lines.append("|" + "---|" * (len(offsets) + 1))
-    for layer in layers:
-        cells = [_interval(grid[o].get(layer)) for o in offsets]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    return lines
+    rows = [
+        [layer, *[interval_cell(*_top1(grid[o].get(layer))) for o in offsets]] for layer in layers
+    ]
+    return markdown_table(["layer", *[f"offset {o:+d}" for o in offsets]], rows)
+
+
+def _top1(row: dict[str, Any] | None) -> tuple[Any, Any]:
+    return (row.get("top1"), row.get("top1_ci")) if row else (None, None)
 
 
 def plot_offset_map(grid: Grid, path: Path, title: str) -> None:

@@ -25,8 +25,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from probe_sweep import jobdir
 from probe_sweep.files import write_json
-from probe_sweep.jobs import keyed_content
+from probe_sweep.jobdir import keyed_content
 from probe_sweep.plots import plot_probe_weights
 from probe_sweep.tracking_contents import log_contents
 
@@ -190,8 +191,8 @@ def track_job(
     Returns what ``wandb_run.json`` records (run id, mode, where it lives), or None when the
     tracker is disabled, the job left no ``metrics.json``, or W&B failed (one warning line).
     """
-    metrics_path = job.out_dir / "metrics.json"
-    tensors_path = job.out_dir / "probes.safetensors"
+    metrics_path = job.out_dir / jobdir.METRICS
+    tensors_path = job.out_dir / jobdir.PROBES
     if metrics is None and not metrics_path.is_file():
         return None
     if tensors_path.is_file():
@@ -204,7 +205,7 @@ def track_job(
         return None
     try:
         if metrics is None:
-            metrics = json.loads(metrics_path.read_text())
+            metrics = jobdir.read_metrics(job.out_dir).to_json()
         identity = run_identity(cfg, job, metrics, resolved)
         if "pruned" in metrics:
             identity["tags"].append("pruned")
@@ -216,7 +217,7 @@ def track_job(
             log.warning("W&B online run failed (%s); logging offline instead", _one_line(exc))
             mode = "offline"
             info = _log_run(cfg, job, metrics, resolved, identity, mode)
-        write_json(job.out_dir / "wandb_run.json", info)
+        write_json(job.out_dir / jobdir.WANDB_RUN, info)
     except Exception as exc:
         log.warning(
             "W&B tracking (%s) failed, results are complete in %s: %s",

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from probe_sweep.activations import ActivationsConfig, CacheDtype, extract, open_store
+from probe_sweep.activations import ActivationsConfig, extract
+from probe_sweep.cache_entry import CacheDtype, open_store
 from probe_sweep.data import DataConfig, build_corpus
 from probe_sweep.errors import UserError
 from probe_sweep.model import hidden_states, load_model, load_tokenizer

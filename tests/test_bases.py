@@ -8,7 +8,6 @@ import torch
 
 from probe_sweep.bases import (
     BasisConfig,
-    BasisKind,
     build_basis,
     check_basis_config,
     mod_dictionary,
@@ -44,7 +43,7 @@ def counts(seed: int = 0) -> np.ndarray:
 
 def build(kind: str, emb: torch.Tensor | None = None, **kw):
     emb = anisotropic() if emb is None else emb
-    cfg = BasisConfig(kind=BasisKind(kind), **kw)
+    cfg = BasisConfig(kind=kind, **kw)
     return build_basis(cfg, emb, counts(), seed=0)
 
 
@@ -91,19 +90,19 @@ def test_frequency_basis_follows_the_tokens_that_occur() -> None:
     tokens = np.zeros(V)
     tokens[frequent] = 100
     tokens[200] = 1
-    freq = build_basis(BasisConfig(kind=BasisKind.frequency), emb, tokens, seed=0)
-    pca = build_basis(BasisConfig(kind=BasisKind.pca), emb, tokens, seed=0)
+    freq = build_basis(BasisConfig(kind="frequency"), emb, tokens, seed=0)
+    pca = build_basis(BasisConfig(kind="pca"), emb, tokens, seed=0)
     assert abs(float(freq.directions[3, 0])) > 0.99
     assert abs(float(pca.directions[7, 0])) > 0.99
     with pytest.raises(UserError, match="token counts"):
-        build_basis(BasisConfig(kind=BasisKind.frequency), emb, None, seed=0)
+        build_basis(BasisConfig(kind="frequency"), emb, None, seed=0)
 
 
 def test_random_basis_is_seeded() -> None:
     emb = anisotropic()
-    a = build_basis(BasisConfig(kind=BasisKind.random), emb, None, seed=3).directions
-    b = build_basis(BasisConfig(kind=BasisKind.random), emb, None, seed=3).directions
-    c = build_basis(BasisConfig(kind=BasisKind.random), emb, None, seed=4).directions
+    a = build_basis(BasisConfig(kind="random"), emb, None, seed=3).directions
+    b = build_basis(BasisConfig(kind="random"), emb, None, seed=3).directions
+    c = build_basis(BasisConfig(kind="random"), emb, None, seed=4).directions
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
@@ -220,5 +219,5 @@ def test_bad_truncation_is_refused_before_any_work() -> None:
     with pytest.raises(UserError, match=r"basis.top_k=17 must lie in 1..16"):
         check_basis_config(BasisConfig(top_k=17), D)
     with pytest.raises(UserError, match="over-complete"):
-        check_basis_config(BasisConfig(kind=BasisKind.dictionary, n_components=D), D)
-    check_basis_config(BasisConfig(kind=BasisKind.dictionary, bottom_k=2 * D), D)
+        check_basis_config(BasisConfig(kind="dictionary", n_components=D), D)
+    check_basis_config(BasisConfig(kind="dictionary", bottom_k=2 * D), D)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe_sweep.activations import ActivationsConfig, entry_lock, extract
+from probe_sweep.activations import ActivationsConfig, extract
+from probe_sweep.cache_entry import entry_lock
 from tests.conftest import subprocess_timeout
 from tests.test_cache_integrity import flip_finite
 

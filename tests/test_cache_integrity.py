@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from probe_sweep.activations import (
+from probe_sweep.activations import ActivationsConfig, extract
+from probe_sweep.cache_entry import (
     CHUNK,
-    ActivationsConfig,
     CacheDamaged,
     CacheDtype,
     check_entry,
-    extract,
     file_checksum,
     open_store,
 )

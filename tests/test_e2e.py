@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from probe_sweep import jobs
+from probe_sweep import jobdir
 from tests.conftest import CONF, TINY, run_cli, subprocess_timeout, wait_for_line
 
 pytestmark = pytest.mark.e2e
@@ -214,12 +214,13 @@ def test_ctrl_c_prints_one_line_on_what_is_kept_and_exits_130(tmp_path: Path) ->
             stderr=err,  # a file: the progress bars cannot fill a pipe nobody reads yet
             text=True,
         )
-        fits = tmp_path / "out" / jobs.FITS
+        fits = tmp_path / "out" / jobdir.FITS
         try:
             wait_for_line(proc, "Threads:", contains=True)  # main() has started the job
             # Interrupt once a probe is saved: the statistics' probes are still to come.
             deadline = time.monotonic() + subprocess_timeout()
-            while not (fits / f"layer_0{jobs.FIT_SUFFIX}").exists() and time.monotonic() < deadline:
+            first = fits / f"layer_0{jobdir.FIT_SUFFIX}"
+            while not first.exists() and time.monotonic() < deadline:
                 assert proc.poll() is None, stderr.read_text()[-3000:]
                 time.sleep(0.05)
             proc.send_signal(signal.SIGINT)
@@ -233,7 +234,7 @@ def test_ctrl_c_prints_one_line_on_what_is_kept_and_exits_130(tmp_path: Path) ->
     lines = [line for line in (out + errors).splitlines() if "Interrupted" in line]
     assert len(lines) == 1, out + errors
     assert "activation cache" in lines[0] and "probe(s) fitted so far" in lines[0]
-    assert f"({fits})" in lines[0] and (fits / f"layer_0{jobs.FIT_SUFFIX}").exists()
+    assert f"({fits})" in lines[0] and (fits / f"layer_0{jobdir.FIT_SUFFIX}").exists()
     assert f"run the same command with hydra.run.dir={fits.parent}" in lines[0]
     assert "Traceback" not in out + errors
     assert not (fits.parent / "metrics.json").exists()

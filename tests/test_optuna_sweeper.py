@@ -22,7 +22,7 @@ from hydra_plugins.probe_sweep_optuna._impl import (
     override_value,
     sampler_seed,
 )
-from probe_sweep import report
+from probe_sweep import report, sweep_jobs
 from probe_sweep.tuning import open_storage, quote_override
 from tests.conftest import subprocess_timeout
 from tests.wandb_reader import read_run, run_files
@@ -242,7 +242,7 @@ def test_pruned_trials_are_called_pruned_by_their_own_number(tmp_path: Path) -> 
         record = json.loads((job_dir / "pruned.json").read_text())
         assert record["trial"] == number and record["last_step"] == 0
         assert not (job_dir / ".fits").exists(), "a pruned trial kept its saved probes"
-    jobs = report.read_jobs(root / "sweep")
+    jobs = sweep_jobs.read_jobs(root / "sweep")
     assert [j.dir.name for j in jobs] == [f"trial_{n}" for n in range(12)], "not in number order"
     assert {j.dir.name for j in jobs if j.status == "pruned"} == {f"trial_{n}" for n in pruned}
     assert not [j for j in jobs if j.status == "incomplete"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from probe_sweep.activations import ExtractionProgress
+from probe_sweep.progress import ExtractionProgress
 from tests.conftest import TINY, subprocess_timeout
 
 # What a progress bar leaves in a log: tqdm's "  40%|████      | 8/20 [00:01<00:02, 5.1seq/s]".

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from probe_sweep import files, report
+from probe_sweep import files, report, sweep_jobs
 from tests.conftest import TINY, run_cli
 from tests.job_dirs import fake_job, sample_metrics
 from tests.wandb_reader import read_run
@@ -53,7 +53,7 @@ def test_report_puts_every_job_side_by_side(tmp_path: Path) -> None:
     assert path == sweep / "report.md"
     text = path.read_text()
 
-    jobs = report.read_jobs(sweep)
+    jobs = sweep_jobs.read_jobs(sweep)
     assert [(j.num, j.status) for j in jobs] == [
         (0, "finished"),
         (1, "finished"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from probe_sweep import jobs
+from probe_sweep import jobdir
 from tests.conftest import TINY, run_cli
 from tests.wandb_reader import read_run, run_files
 
@@ -18,38 +18,38 @@ KEY = "0123456789abcdef0123"
 
 def complete_job(job_dir: Path, key: str = KEY) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / jobs.METRICS).write_text(json.dumps({"job": {"key": key}, "layers": []}))
+    (job_dir / jobdir.METRICS).write_text(json.dumps({"job": {"key": key}, "layers": []}))
 
 
 def test_a_job_is_tracked_once_marked_for_its_own_key(tmp_path: Path) -> None:
     complete_job(tmp_path)
-    assert not jobs.is_tracked(tmp_path, KEY)
-    jobs.mark_tracked(tmp_path, KEY, {"id": "abc", "mode": "offline"})
-    assert jobs.is_tracked(tmp_path, KEY)
-    assert not jobs.is_tracked(tmp_path, "f" * 20)
-    marker = json.loads((tmp_path / jobs.TRACKED).read_text())
+    assert not jobdir.is_tracked(tmp_path, KEY)
+    jobdir.mark_tracked(tmp_path, KEY, {"id": "abc", "mode": "offline"})
+    assert jobdir.is_tracked(tmp_path, KEY)
+    assert not jobdir.is_tracked(tmp_path, "f" * 20)
+    marker = json.loads((tmp_path / jobdir.TRACKED).read_text())
     assert marker == {"key": KEY, "run": {"id": "abc", "mode": "offline"}}
-    (tmp_path / jobs.TRACKED).write_text("{not json")
-    assert not jobs.is_tracked(tmp_path, KEY)
+    (tmp_path / jobdir.TRACKED).write_text("{not json")
+    assert not jobdir.is_tracked(tmp_path, KEY)
 
 
 def test_without_the_marker_a_run_record_newer_than_the_results_counts(tmp_path: Path) -> None:
     """Job dirs tracked before tracked.json existed are not tracked twice; a run record left
     from results that were written again since (and then killed before tracking) is stale."""
     complete_job(tmp_path)
-    (tmp_path / jobs.WANDB_RUN).write_text(json.dumps({"id": "abc"}))
-    metrics_time = (tmp_path / jobs.METRICS).stat().st_mtime_ns
-    os.utime(tmp_path / jobs.WANDB_RUN, ns=(metrics_time + 10**9, metrics_time + 10**9))
-    assert jobs.is_tracked(tmp_path, KEY)
-    os.utime(tmp_path / jobs.WANDB_RUN, ns=(metrics_time - 10**9, metrics_time - 10**9))
-    assert not jobs.is_tracked(tmp_path, KEY)
+    (tmp_path / jobdir.WANDB_RUN).write_text(json.dumps({"id": "abc"}))
+    metrics_time = (tmp_path / jobdir.METRICS).stat().st_mtime_ns
+    os.utime(tmp_path / jobdir.WANDB_RUN, ns=(metrics_time + 10**9, metrics_time + 10**9))
+    assert jobdir.is_tracked(tmp_path, KEY)
+    os.utime(tmp_path / jobdir.WANDB_RUN, ns=(metrics_time - 10**9, metrics_time - 10**9))
+    assert not jobdir.is_tracked(tmp_path, KEY)
 
 
 def test_running_a_job_again_drops_its_tracked_marker(tmp_path: Path) -> None:
     complete_job(tmp_path)
-    jobs.mark_tracked(tmp_path, KEY, {"id": "abc"})
-    jobs.clear_markers(tmp_path, redo=False)
-    assert not (tmp_path / jobs.TRACKED).exists() and (tmp_path / jobs.METRICS).exists()
+    jobdir.mark_tracked(tmp_path, KEY, {"id": "abc"})
+    jobdir.clear_markers(tmp_path, redo=False)
+    assert not (tmp_path / jobdir.TRACKED).exists() and (tmp_path / jobdir.METRICS).exists()
 
 
 @pytest.mark.e2e
@@ -59,14 +59,14 @@ def test_a_rerun_tracks_a_complete_job_that_was_killed_before_tracking(tmp_path:
     args = ["-m", *TINY, "layers=pooled", f"hydra.sweep.dir={sweep}"]
 
     run_cli(args, cwd=tmp_path)
-    (metrics_path,) = sweep.glob(f"*/{jobs.METRICS}")
+    (metrics_path,) = sweep.glob(f"*/{jobdir.METRICS}")
     job_dir = metrics_path.parent
     key = json.loads(metrics_path.read_text())["job"]["key"]
-    assert jobs.is_tracked(job_dir, key)
+    assert jobdir.is_tracked(job_dir, key)
     assert len(run_files(wandb_root)) == 1
 
     # Killed after metrics.json, before the tracker ran: no run, no record of one.
-    for name in (jobs.TRACKED, jobs.WANDB_RUN):
+    for name in (jobdir.TRACKED, jobdir.WANDB_RUN):
         (job_dir / name).unlink()
     shutil.rmtree(wandb_root)
     written = metrics_path.stat().st_mtime_ns
@@ -82,9 +82,9 @@ def test_a_rerun_tracks_a_complete_job_that_was_killed_before_tracking(tmp_path:
     assert run.exit_code == 0
     assert run.config["job"]["out_dir"] == str(job_dir)
     assert run.rows_with("by_layer/top1"), "the run holds no per-layer results"
-    marker = json.loads((job_dir / jobs.TRACKED).read_text())
+    marker = json.loads((job_dir / jobdir.TRACKED).read_text())
     assert marker["key"] == key and marker["run"]["id"] == run.run.run_id
-    assert jobs.is_tracked(job_dir, key)
+    assert jobdir.is_tracked(job_dir, key)
 
     # Tracked now: a further rerun skips without a second run.
     again = run_cli(args, cwd=tmp_path)

@@ -38,7 +38,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from probe_sweep.files import write_json
-from probe_sweep.jobs import FITS, PRUNED
+from probe_sweep.jobdir import FITS, PRUNED
 from probe_sweep.tracking import TrackerConfig, track_study
 from probe_sweep.tuning import JOURNAL, PRUNER_ATTR, make_pruner, open_storage, quote_override
 

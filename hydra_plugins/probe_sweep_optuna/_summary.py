@@ -14,6 +14,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from probe_sweep.jobdir import InvalidMetrics, read_metrics
 from probe_sweep.plots import plt, save_figure
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,12 @@ def ridge_path_of(results: list[JobReturn]) -> dict[str, list[float]] | None:
     for result in results:
         if result.status is not JobStatus.COMPLETED or result.hydra_cfg is None:
             continue
-        metrics = Path(result.hydra_cfg.hydra.runtime.output_dir) / "metrics.json"
-        if metrics.is_file():
-            path = json.loads(metrics.read_text()).get("ridge_path")
-            if path:
-                return path
+        try:
+            metrics = read_metrics(Path(result.hydra_cfg.hydra.runtime.output_dir))
+        except (OSError, InvalidMetrics):
+            continue
+        if metrics.ridge_path:
+            return metrics.ridge_path
     return None
 
 

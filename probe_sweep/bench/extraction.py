@@ -25,10 +25,11 @@ from probe_sweep.bench.common import (
 from probe_sweep.bench.runs import job_args
 from probe_sweep.config import Config
 from probe_sweep.data import TEST, TRAIN, VAL, build_corpus
+from probe_sweep.fitting import prepare_inputs
+from probe_sweep.hidden_states import pick_device
 from probe_sweep.inputs import Inputs
 from probe_sweep.layers import resolve_layers
 from probe_sweep.model import inspect_model, load_model, load_tokenizer
-from probe_sweep.pipeline import pick_device, prepare_inputs
 
 
 @dataclass

@@ -4,7 +4,6 @@ measured (metrics.json, its log) into the figures the bench reports."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -170,19 +169,19 @@ def loop_rate(output: str) -> float | None:
 
 def job_figures(run_dir: Path, run: JobRun) -> JobFigures:
     """Read a finished job's metrics.json (and log) into the figures the bench reports."""
-    from probe_sweep.jobs import METRICS
+    from probe_sweep.jobdir import read_metrics
 
-    metrics = json.loads((run_dir / METRICS).read_text())
-    counts, timing, fits = metrics["counts"], metrics["timing_s"], metrics["fits"].values()
-    cache = Path(metrics["cache"]["path"])
+    metrics = read_metrics(run_dir)
+    counts, timing, fits = metrics.counts, metrics.timing_s, metrics.fits.values()
+    cache = Path(metrics.cache["path"])
     return JobFigures(
         n_tokens=sum(counts[f"n_{p}_tokens"] for p in ("train", "val", "test")),
         n_train=counts["n_train_tokens"],
         n_sequences=counts["n_sequences"],
-        n_classes=metrics["probe"]["n_classes"],
+        n_classes=metrics.probe["n_classes"],
         evaluations=sum(int(f.get("evaluations", 1)) for f in fits),
         iterations=[int(f.get("iterations", 0)) for f in fits],
-        converged=bool(metrics["probe"]["all_converged"]),
+        converged=bool(metrics.probe["all_converged"]),
         grad_norm_rel=max((float(f.get("grad_norm_rel", 0.0)) for f in fits), default=0.0),
         extract_s=float(timing["extract"]),
         fit_s=float(timing["fit"]),
@@ -193,7 +192,7 @@ def job_figures(run_dir: Path, run: JobRun) -> JobFigures:
         peak_anon=run.peak_anon,
         peak_file=run.peak_file,
         wall_s=run.seconds,
-        peak_gpu_mb=metrics.get("resources", {}).get("peak_gpu_mb"),
+        peak_gpu_mb=metrics.resources.get("peak_gpu_mb"),
     )
 
 

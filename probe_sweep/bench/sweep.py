@@ -4,20 +4,19 @@ job, each from a cold cache."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from probe_sweep.bench.common import CONF, Row, ok, progress
 from probe_sweep.bench.runs import job_args, job_env, run_cli_job
-from probe_sweep.jobs import METRICS
+from probe_sweep.jobdir import METRICS, read_metrics
 
 BASIS_PREFERENCE = ["natural", "pca", "nmf", "random", "frequency", "dictionary"]
 
 
 def available_bases() -> list[str]:
-    from probe_sweep.bases import BasisKind
+    from probe_sweep.bases import CONSTRUCTIONS
 
-    names = {k.value for k in BasisKind}
+    names = set(CONSTRUCTIONS)
     names &= {p.stem for p in (CONF / "basis").glob("*.yaml")} | {"natural"}
     return [b for b in BASIS_PREFERENCE if b in names]
 
@@ -54,8 +53,8 @@ def section_sweep(args: argparse.Namespace, work: Path, out: list[Row], notes: l
     jobs = sorted((work / "sweep").rglob(METRICS))
     if len(jobs) != len(bases):
         raise RuntimeError(f"sweep wrote {len(jobs)} {METRICS} for {len(bases)} bases")
-    timings = [json.loads(p.read_text())["timing_s"] for p in jobs]
-    one = json.loads((work / "single" / METRICS).read_text())["timing_s"]
+    timings = [read_metrics(p.parent).timing_s for p in jobs]
+    one = read_metrics(work / "single").timing_s
     ratio = sweep.seconds / single.seconds
     fit_share = one["fit"] / single.seconds
     notes.append(

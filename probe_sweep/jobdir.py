@@ -1,0 +1,227 @@
+"""The one owner of a job directory's layout: its file names, the metrics.json schema (written
+and read here only), the markers an attempt leaves, and the job's content key.
+
+A job's results are complete when its ``metrics.json`` carries a ``job`` section (written last,
+after every other file) whose ``key`` hashes the job's resolved config. Re-running a sweep into
+the same ``hydra.sweep.dir`` therefore skips finished jobs whatever their job number, and reruns
+jobs that failed, were killed, or whose results were deleted. The probes an unfinished attempt
+fitted live in ``FITS`` (``saved_fits.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from probe_sweep.files import write_json
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.json"
+PROBES = "probes.safetensors"
+FAILED = "failed.json"
+SKIPPED = "skipped.json"
+PRUNED = "pruned.json"  # an Optuna trial its study stopped (written by the sweeper)
+# Written after the tracker logged the job's results: a job killed between metrics.json and
+# tracking has none, and a rerun that skips it tracks it then (see ``is_tracked``).
+TRACKED = "tracked.json"
+WANDB_RUN = "wandb_run.json"  # what the tracker writes where a run went (README)
+FITS = ".fits"
+FIT_SUFFIX = ".safetensors"
+
+SCHEMA_VERSION = 1  # of metrics.json (README); part of every job's content key
+# The one list of config keys outside a job's identity (its content key, the W&B config hash, the
+# job dir's name): they change where, how fast or how a job is tracked and tuned, not its numbers.
+# ``device`` moves the arithmetic (float rounding, not results); ``tuning`` names the study and
+# trial a job reports to and which metric it returns, read from the same results either way.
+NOT_IN_KEY: tuple[str, ...] = (
+    "redo",
+    "device",
+    "tracker",
+    "tuning",
+    "activations.cache_dir",
+    "activations.batch_size",
+)
+
+
+# --- the content key ---------------------------------------------------------------------------
+
+
+def keyed_content(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A JSON copy of the resolved config without the ``NOT_IN_KEY`` settings: what identifies
+    a job's results."""
+    content = json.loads(json.dumps(resolved, default=str))
+    for dotted in NOT_IN_KEY:
+        *parents, leaf = dotted.split(".")
+        node = content
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return content
+
+
+def job_key(resolved: dict[str, Any], schema_version: int = SCHEMA_VERSION) -> str:
+    """A content key for one job: the resolved config minus settings that leave results alone,
+    and the version of the metrics it writes."""
+    blob = json.dumps({"config": keyed_content(resolved), "schema": schema_version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def not_in_key() -> list[str]:
+    """``NOT_IN_KEY`` as the list ``hydra.job.config.override_dirname.exclude_keys`` takes
+    (resolver ``${probe_sweep_not_in_key:}``), so a job dir is not named by them either."""
+    return list(NOT_IN_KEY)
+
+
+# --- metrics.json ------------------------------------------------------------------------------
+
+
+class InvalidMetrics(ValueError):
+    """A metrics.json that is not what ``write_metrics`` writes: unreadable, another schema
+    version, or a section missing, unknown or of the wrong type."""
+
+
+@dataclass
+class JobMetrics:
+    """A finished job's results, as metrics.json holds them (schema in the README). Each field
+    is one top-level section; ``job`` (content key, scheduler ids) and ``config`` (the resolved
+    config) are written with the rest, so a file that has them is complete."""
+
+    model: dict[str, Any]  # name, path, type, depth, width, vocabulary
+    probe: dict[str, Any]  # kind, layers, basis, regularisation, classes, offset, convergence
+    counts: dict[str, Any]  # sequences, tokens and types per split
+    cache: dict[str, Any]  # the activation cache entry: key, path, reused
+    timing_s: dict[str, float]  # seconds per stage
+    layers: list[dict[str, Any]]  # one scored row per layer
+    fits: dict[str, dict[str, Any]]  # each probe's convergence record and history
+    statistics: dict[str, Any]  # nulls, baselines, lenses, MDL, accuracy against k
+    ridge_path: dict[str, Any] | None  # validation NLL along the ridge path
+    resources: dict[str, Any]  # device and peak memory
+    job: dict[str, Any]  # content key, overrides, scheduler ids
+    config: dict[str, Any]  # the resolved config
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's contents, version first."""
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"schema_version": sections.pop("schema_version"), **sections}
+
+    @classmethod
+    def from_json(cls, value: Any) -> JobMetrics:
+        """Check ``value`` against the schema; raises ``InvalidMetrics`` naming what is wrong."""
+        if not isinstance(value, dict):
+            raise InvalidMetrics("not a JSON object")
+        version = value.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise InvalidMetrics(f"schema version {version!r}, this code reads {SCHEMA_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing, unknown = names - value.keys(), value.keys() - names
+        if missing or unknown:
+            raise InvalidMetrics(f"sections missing {sorted(missing)}, unknown {sorted(unknown)}")
+        for name in names - {"schema_version", "ridge_path"}:
+            expected = list if name == "layers" else dict
+            if not isinstance(value[name], expected):
+                raise InvalidMetrics(f"section {name!r} is not a JSON {expected.__name__}")
+        if not all(isinstance(row, dict) for row in value["layers"]):
+            raise InvalidMetrics("a row of 'layers' is not a JSON object")
+        return cls(**value)
+
+
+def write_metrics(out_dir: Path, metrics: JobMetrics) -> None:
+    """metrics.json, atomically: its presence (with ``job``) marks a finished job."""
+    write_json(out_dir / METRICS, metrics.to_json())
+
+
+def read_metrics(job_dir: Path) -> JobMetrics:
+    """A job dir's metrics.json, checked (``InvalidMetrics``, or ``OSError`` when absent)."""
+    try:
+        value = json.loads((job_dir / METRICS).read_text())
+    except ValueError as exc:
+        raise InvalidMetrics(f"not JSON ({exc})") from None
+    return JobMetrics.from_json(value)
+
+
+def find_complete(root: Path, key: str) -> Path | None:
+    """The job directory under ``root`` holding complete results for ``key``, if any (a
+    metrics.json that does not check out is not complete)."""
+    for path in sorted(root.rglob(METRICS)):
+        try:
+            metrics = read_metrics(path.parent)
+        except (OSError, InvalidMetrics):
+            continue
+        if metrics.job.get("key") == key:
+            return path.parent
+    return None
+
+
+# --- markers -----------------------------------------------------------------------------------
+
+
+def clear_markers(out_dir: Path, redo: bool) -> None:
+    """Remove what an earlier attempt left in this job's directory before running it again
+    (with ``redo``, also its results and the probes it had fitted)."""
+    for name in (FAILED, SKIPPED, PRUNED, TRACKED, *((METRICS,) if redo else ())):
+        (out_dir / name).unlink(missing_ok=True)
+    if redo:
+        discard_fits(out_dir)
+
+
+def discard_fits(out_dir: Path) -> None:
+    """Drop the probes saved for resuming: the results are written, or will never be."""
+    shutil.rmtree(out_dir / FITS, ignore_errors=True)
+
+
+def count_fits(out_dir: Path) -> int:
+    """How many probes an unfinished attempt saved for resuming."""
+    return len(list((out_dir / FITS).glob(f"*{FIT_SUFFIX}")))
+
+
+def note_skipped(out_dir: Path, done: Path, key: str) -> None:
+    if done.resolve() != out_dir.resolve():
+        write_json(out_dir / SKIPPED, {"key": key, "results": str(done)})
+
+
+def mark_tracked(job_dir: Path, key: str, run: dict[str, Any]) -> None:
+    """Record that the tracker logged the results of job ``key`` in ``job_dir`` (as ``run``)."""
+    write_json(job_dir / TRACKED, {"key": key, "run": run})
+
+
+def is_tracked(job_dir: Path, key: str) -> bool:
+    """Whether the tracker logged the complete results of job ``key`` in ``job_dir``.
+
+    ``tracked.json`` answers for the key it names. Without it (a job dir written before that
+    file existed, or a job killed between the tracker's own ``wandb_run.json`` and the marker),
+    a ``wandb_run.json`` newer than ``metrics.json`` counts: one written for results that were
+    replaced since (a run killed before tracking, in a reused job dir) is older than them."""
+    try:
+        marker = json.loads((job_dir / TRACKED).read_text())
+    except FileNotFoundError:
+        marker = None
+    except (OSError, ValueError):
+        return False
+    if marker is not None:
+        return isinstance(marker, dict) and marker.get("key") == key
+    try:
+        run_written = (job_dir / WANDB_RUN).stat().st_mtime_ns
+        return run_written >= (job_dir / METRICS).stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def write_failed(out_dir: Path, exc: BaseException, overrides: list[str]) -> None:
+    """``failed.json``: the error's first line, its type, and the job's overrides."""
+    lines = str(exc).strip().splitlines()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failure = {
+        "error": lines[0] if lines else type(exc).__name__,
+        "type": type(exc).__name__,
+        "overrides": overrides,
+    }
+    write_json(out_dir / FAILED, failure)
