@@ -16,12 +16,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from hydra_plugins.probe_sweep_optuna._impl import (
-    BASIC_LAUNCHER,
-    choose_storage,
-    override_value,
-    sampler_seed,
-)
+from hydra_plugins.probe_sweep_optuna._space import override_value, sampler_seed
+from hydra_plugins.probe_sweep_optuna._storage import BASIC_LAUNCHER, choose_storage
 from probe_sweep import report, sweep_jobs
 from probe_sweep.tuning import open_storage, quote_override
 from tests.conftest import subprocess_timeout

@@ -9,14 +9,11 @@ trials are asked for until ``n_trials`` are complete or pruned.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
 import re
-import shutil
 import uuid
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -24,131 +21,28 @@ from typing import Any
 import optuna
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import (
     BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
 )
 from optuna.trial import FrozenTrial, TrialState
 
 from probe_sweep.files import write_json
-from probe_sweep.jobdir import FITS, PRUNED
+from probe_sweep.jobdir import PRUNED, discard_fits
 from probe_sweep.tracking import TrackerConfig, track_study
 from probe_sweep.tuning import JOURNAL, PRUNER_ATTR, make_pruner, open_storage, quote_override
 
+from ._space import distribution, override_value, sampler_seed
+from ._storage import BASIC_LAUNCHER, choose_storage
 from ._summary import ridge_path_of, write_summary
 
 log = logging.getLogger("hydra_plugins.probe_sweep_optuna.sweeper")
 NAMING_KEYS = ("model.name", "basis.kind", "probe.kind", "layers.mode")
 NAMING_GROUPS = ("model", "basis", "probe", "layers")
-BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-JOURNAL_FILE, SQLITE_FILE = "optuna.journal", "optuna.db"
 WANDB_RUN_ATTR = "wandb_run_id"
-PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./+-]+")
-
-
-def distribution(override: Override) -> BaseDistribution:
-    """An Optuna distribution from an interval or choice override; a clear error otherwise."""
-    key, value = override.get_key_element(), override.value()
-    if isinstance(value, IntervalSweep):
-        low, high, log_scale = value.start, value.end, "log" in value.tags
-        if low is None or high is None or not low < high:
-            raise HydraException(
-                f"search space {key}: interval needs low < high, got {low}, {high}"
-            )
-        if log_scale and low <= 0:
-            raise HydraException(f"search space {key}: a log interval needs low > 0, got {low}")
-        if "int" in value.tags:
-            return IntDistribution(int(low), int(high), log=log_scale)
-        return FloatDistribution(float(low), float(high), log=log_scale)
-    if isinstance(value, ChoiceSweep):
-        return CategoricalDistribution(list(value.list))
-    raise HydraException(
-        f"search space {key}={override.get_value_element_as_str()} is not an interval or choice; "
-        "use e.g. tag(log, interval(1e-6, 1e-1)) or choice(a, b)"
-    )
-
-
-@dataclass
-class StorageChoice:
-    """Where the studies live: ``url`` for ``tuning.open_storage``, ``kind`` and why."""
-
-    url: str
-    kind: str  # journal | sqlite | rdb
-    reason: str
-
-
-def choose_storage(setting: str | None, sweep_dir: Path, launcher: str) -> StorageChoice:
-    """The storage for ``hydra.sweeper.storage=setting`` under launcher class ``launcher``.
-
-    Unset: a study file already in the sweep dir (so a resume finds its study whatever the
-    launcher now), else the journal file when trials may run in parallel or on other nodes
-    (any launcher but the basic one: Optuna's advice for several processes on a shared
-    filesystem, where SQLite's locking fails), else SQLite (one local process).
-    """
-    journal, sqlite = sweep_dir.resolve() / JOURNAL_FILE, sweep_dir.resolve() / SQLITE_FILE
-    as_journal, as_sqlite = f"{JOURNAL}{journal}", f"sqlite:///{sqlite}"
-    parallel = launcher != BASIC_LAUNCHER
-    launcher_name = launcher.rsplit(".", 1)[-1]
-    if setting in (None, "", "auto"):
-        if journal.exists() != sqlite.exists():
-            found = journal if journal.exists() else sqlite
-            kind = "journal" if journal.exists() else "sqlite"
-            url = as_journal if kind == "journal" else as_sqlite
-            return StorageChoice(url, kind, f"default: the studies already in {found.name}")
-        if parallel:
-            why = f"default: {launcher_name} may run trials in parallel or on other nodes"
-            return StorageChoice(as_journal, "journal", why)
-        return StorageChoice(as_sqlite, "sqlite", "default: the basic launcher, one process")
-    if setting == "journal":
-        return StorageChoice(as_journal, "journal", "hydra.sweeper.storage=journal")
-    if setting == "sqlite":
-        return StorageChoice(as_sqlite, "sqlite", "hydra.sweeper.storage=sqlite")
-    if "://" in setting:
-        return StorageChoice(setting, "rdb", "hydra.sweeper.storage")
-    raise HydraException(
-        f"hydra.sweeper.storage={setting!r}: use journal, sqlite or a database URL "
-        "(e.g. postgresql://user@host/db), or leave it unset"
-    )
-
-
-def sampler_seed(seed: int | None, n_existing: int) -> int | None:
-    """The TPE seed for a run that finds ``n_existing`` trials in its study: each run of a
-    resumed study draws anew (a fixed seed would replay the first run's start-up draws), and
-    the same sweep run twice from scratch draws the same."""
-    if seed is None:
-        return None
-    digest = hashlib.sha256(f"{seed}/{n_existing}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def override_value(value: Any) -> str:
-    """A sampled parameter as an override value that Hydra reads back as the same value."""
-    if isinstance(value, float):
-        return repr(value)
-    if value is None:
-        return "null"
-    if isinstance(value, bool | int):
-        return str(value).lower() if isinstance(value, bool) else str(value)
-    text = str(value)
-    return text if _reads_as_itself(text) else quote_override(text)
-
-
-def _reads_as_itself(text: str) -> bool:
-    """Whether ``text`` unquoted is read back as this string (not null, a bool or a number)."""
-    if not PLAIN_VALUE.fullmatch(text) or text.lower() in ("null", "true", "false"):
-        return False
-    try:
-        float(text)
-    except ValueError:
-        return True
-    return False
 
 
 def tracker_config(config: DictConfig) -> TrackerConfig | None:
@@ -338,7 +232,8 @@ class OptunaSweeperImpl:
         for trial in stale:
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             job_dir = dirs.get(trial.number)
-            discard_fits(job_dir)
+            if job_dir is not None:
+                discard_fits(job_dir)
             log.warning(
                 "Trial %d failed: left running by an earlier run (killed?)%s",
                 trial.number,
@@ -370,7 +265,8 @@ class OptunaSweeperImpl:
         else:
             study.tell(trial, state=TrialState.FAIL)
             log.warning("Trial %d failed%s: %s", trial.number, where, value)
-        discard_fits(job_dir)
+        if job_dir is not None:
+            discard_fits(job_dir)
 
 
 def job_dir_of(result: JobReturn) -> Path | None:
@@ -378,11 +274,6 @@ def job_dir_of(result: JobReturn) -> Path | None:
         return None
     output_dir = OmegaConf.select(result.hydra_cfg, "hydra.runtime.output_dir")
     return Path(output_dir) if output_dir else None
-
-
-def discard_fits(job_dir: Path | None) -> None:
-    if job_dir is not None:
-        shutil.rmtree(job_dir / FITS, ignore_errors=True)
 
 
 def pruned_record(study: str, trial: FrozenTrial, message: str) -> dict[str, Any]:
