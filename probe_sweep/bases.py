@@ -130,9 +130,8 @@ class Basis:
 def check_basis_config(cfg: BasisConfig, d_model: int) -> None:
     """Value checks a type cannot express; cheap, so the entry point runs it before loading."""
     if cfg.kind not in CONSTRUCTIONS:
-        raise UserError(
-            f"basis.kind={cfg.kind} is not a basis; choose one of {sorted(CONSTRUCTIONS)}"
-        )
+        choices = ", ".join(sorted(CONSTRUCTIONS))
+        raise UserError(f"basis.kind={cfg.kind} is not a basis; choose one of: {choices}")
     if cfg.top_k is not None and cfg.bottom_k is not None:
         raise UserError("set at most one of basis.top_k and basis.bottom_k")
     n_atoms = n_components(cfg, d_model)

@@ -93,3 +93,30 @@ def test_unknown_key_is_refused() -> None:
 def test_value_checks(overrides: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message):
         to_typed(composed(*overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["target.offset=62"], r"target.offset=62 leaves no position with a target"),
+        (["target.offset=-70"], r"sequences of 62 tokens; use \|offset\| < 62 or raise data"),
+        (["basis.kind=wavelet"], "basis.kind=wavelet is not a basis; choose one of: dictionary"),
+    ],
+)
+def test_inputs_checked_against_the_model_and_corpus_fail_before_the_model_loads(
+    overrides: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks that need the tokenizer or the corpus (not the weights) run before loading."""
+    import torch
+
+    from probe_sweep import hidden_states
+
+    config = to_typed(
+        composed("model=tiny", "data.token_budget=2000", "data.seq_len=64", *overrides)
+    )
+    loaded: list[object] = []
+    original = hidden_states.load_model
+    monkeypatch.setattr(hidden_states, "load_model", lambda *a: loaded.append(a) or original(*a))
+    with pytest.raises(UserError, match=message):
+        hidden_states.cache_activations(config, torch.device("cpu"))
+    assert not loaded, "the model was loaded before the check"
