@@ -43,6 +43,42 @@ from probe_sweep.saved_fits import FitCheckpoint
 log = logging.getLogger("probe_sweep")
 
 
+def run_job(
+    config: Config,
+    resolved: dict[str, Any],
+    out_dir: Path,
+    job: dict[str, Any],
+    on_layer: LayerHook | None = None,
+) -> JobMetrics:
+    """One job: every stage in order; returns the metrics written to ``out_dir/metrics.json``.
+
+    ``job`` (content key, scheduler ids) is stored with them: a metrics.json that has it marks
+    complete results. ``on_layer(step, row)`` is called as each layer is scored (a tuner may
+    stop the job there)."""
+    clock = [time.perf_counter()]
+    device = pick_device(config.device)
+    acts, scorer = prepare_inputs(config, device)
+    split, basis = scorer.inputs.split, scorer.inputs.basis
+    clock.append(time.perf_counter())
+
+    checkpoint = FitCheckpoint(out_dir, job["key"], device)
+    class_embeddings = acts.embedding[torch.from_numpy(split.classes)].to(device)
+    fitted = fit_identity_probes(
+        config, scorer, acts.layers, class_embeddings, checkpoint, on_layer
+    )
+    clock.append(time.perf_counter())
+    statistics = measure(config, acts, scorer, fitted, device, checkpoint)
+    clock.append(time.perf_counter())
+
+    metrics = job_metrics(config, acts, split, fitted, statistics, basis.name)
+    metrics.update(timing_s=stage_times(clock), resources=resources(device))
+    metrics.update(job=job, config=resolved)
+    results = JobMetrics(**metrics)
+    write_job_files(out_dir, results, fitted.fits, split.classes, basis)
+    checkpoint.discard()
+    return results
+
+
 def measure(
     config: Config,
     acts: Activations,
@@ -88,42 +124,6 @@ def measure(
     if stats_cfg.k_sweep and per_layer:
         statistics["accuracy_vs_k"] = baselines.accuracy_vs_k(config, scorer, fitted)
     return statistics
-
-
-def run_job(
-    config: Config,
-    resolved: dict[str, Any],
-    out_dir: Path,
-    job: dict[str, Any],
-    on_layer: LayerHook | None = None,
-) -> JobMetrics:
-    """One job: every stage in order; returns the metrics written to ``out_dir/metrics.json``.
-
-    ``job`` (content key, scheduler ids) is stored with them: a metrics.json that has it marks
-    complete results. ``on_layer(step, row)`` is called as each layer is scored (a tuner may
-    stop the job there)."""
-    clock = [time.perf_counter()]
-    device = pick_device(config.device)
-    acts, scorer = prepare_inputs(config, device)
-    split, basis = scorer.inputs.split, scorer.inputs.basis
-    clock.append(time.perf_counter())
-
-    checkpoint = FitCheckpoint(out_dir, job["key"], device)
-    class_embeddings = acts.embedding[torch.from_numpy(split.classes)].to(device)
-    fitted = fit_identity_probes(
-        config, scorer, acts.layers, class_embeddings, checkpoint, on_layer
-    )
-    clock.append(time.perf_counter())
-    statistics = measure(config, acts, scorer, fitted, device, checkpoint)
-    clock.append(time.perf_counter())
-
-    metrics = job_metrics(config, acts, split, fitted, statistics, basis.name)
-    metrics.update(timing_s=stage_times(clock), resources=resources(device))
-    metrics.update(job=job, config=resolved)
-    results = JobMetrics(**metrics)
-    write_job_files(out_dir, results, fitted.fits, split.classes, basis)
-    checkpoint.discard()
-    return results
 
 
 def job_metrics(

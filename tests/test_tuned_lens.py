@@ -50,8 +50,10 @@ def test_the_lens_comparison_runs_on_the_tiny_gpt2(tmp_path: Path) -> None:
         [
             *TINY,
             "statistics.control_task=false",
+            "statistics.logit_lens=false",
+            "statistics.n_permutations=20",
             "statistics.lens_comparison=true",
-            "statistics.lens_train_rows=512",
+            "statistics.lens_train_rows=256",
             "statistics.lens_rows=256",
             "tracker=none",
             f"hydra.run.dir={tmp_path}",

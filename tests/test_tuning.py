@@ -85,6 +85,7 @@ def test_ridge_study_finds_the_path_optimum_and_resumes(tmp_path: Path) -> None:
         "-m",
         "hparams_search=probe_reg",
         *TINY,
+        "statistics.enabled=false",  # the study reads validation NLL only
         "probe=ridge",
         "hydra.sweep.dir=sweep",
         "hydra.sweeper.sampler.n_startup_trials=4",
@@ -126,6 +127,7 @@ def test_unpromising_trials_are_pruned(tmp_path: Path) -> None:
             "-m",
             "hparams_search=probe_reg",
             *TINY,
+            "statistics.enabled=false",  # pruning reads the per-layer scores only
             "hydra.sweep.dir=sweep",
             "hydra.sweeper.n_trials=6",
             "hydra.sweeper.sampler.n_startup_trials=6",
@@ -158,6 +160,7 @@ def test_grid_over_bases_makes_one_study_per_value(tmp_path: Path) -> None:
             "-m",
             "hparams_search=probe_reg",
             *TINY,
+            "statistics.enabled=false",
             "probe=ridge",
             "hydra.sweep.dir=sweep",
             "hydra.sweeper.n_trials=2",
