@@ -43,9 +43,22 @@ def subprocess_timeout() -> float:
     return TIMEOUT_S * scale
 
 
+# pytest-xdist runs one worker per core (pyproject's addopts). Each worker's jobs get its share of
+# the cores: two jobs with as many OpenMP threads as the machine has cores spin against each other.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+WORKER_THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+if WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(WORKER_THREADS)
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point every cache and wandb directory at this test's temp dir."""
+    """Point every cache and wandb directory at this test's temp dir (and, beside other workers,
+    size the threads of the jobs a test starts to this worker's share of the cores)."""
+    if WORKERS > 1 and "PROBE_SWEEP_THREADS" not in os.environ:
+        monkeypatch.setenv("PROBE_SWEEP_THREADS", str(WORKER_THREADS))
     monkeypatch.setenv("PROBE_SWEEP_CACHE", str(tmp_path / "cache"))
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb"))

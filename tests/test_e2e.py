@@ -213,6 +213,9 @@ def test_ctrl_c_prints_one_line_on_what_is_kept_and_exits_130(tmp_path: Path) ->
             stdout=subprocess.PIPE,
             stderr=err,  # a file: the progress bars cannot fill a pipe nobody reads yet
             text=True,
+            # As at a terminal: a test run in the background of a non-interactive shell starts
+            # its children with SIGINT ignored, and Python then never raises KeyboardInterrupt.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         fits = tmp_path / "out" / jobdir.FITS
         try:

@@ -32,6 +32,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
+from probe_sweep.jobdir import JobMetrics, write_metrics
 from probe_sweep.tuning import TuningConfig, trial_reporter
 
 
@@ -45,7 +46,10 @@ def main(cfg) -> float:
     loss = (math.log10(cfg.x) + 3.0) ** 2
     for step in range(3):
         report(step, {"layer": step, "val_nll": loss})
-    (out / "metrics.json").write_text('{"layers": []}')
+    rows = [{"layer": step, "val_nll": loss} for step in range(3)]
+    sections = dict.fromkeys(("model", "probe", "counts", "cache", "timing_s", "fits"), {})
+    sections.update(statistics={}, resources={}, job={}, config={})
+    write_metrics(out, JobMetrics(layers=rows, ridge_path=None, **sections))
     shutil.rmtree(out / ".fits")  # as a job does once its results are written
     return loss
 
