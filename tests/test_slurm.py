@@ -23,7 +23,8 @@ import pytest
 
 from tests.conftest import REPO, run_cli, subprocess_timeout
 
-pytestmark = pytest.mark.e2e
+# One cluster for both tests: under pytest-xdist they run on one worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("slurm")]
 
 SCRIPT = REPO / "launchers" / "slurm_cluster.sh"
 CANNOT_INSTALL = 3
