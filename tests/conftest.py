@@ -43,8 +43,14 @@ def subprocess_timeout() -> float:
     return TIMEOUT_S * scale
 
 
-# pytest-xdist runs one worker per core (pyproject's addopts). Each worker's jobs get its share of
-# the cores: two jobs with as many OpenMP threads as the machine has cores spin against each other.
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): a worker per core and one more, which keeps the cores
+    busy while other workers wait on their children (startup, locks, a SLURM queue)."""
+    return (os.cpu_count() or 1) + 1
+
+
+# Each worker's jobs get its share of the cores (at least one thread): jobs with as many OpenMP
+# threads as the machine has cores spin against each other.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 WORKER_THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
 if WORKERS > 1:
