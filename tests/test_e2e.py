@@ -107,8 +107,11 @@ def test_multirun_runs_every_combination(tmp_path: Path) -> None:
 
 def test_minilm_job_meets_the_layer0_bar_with_converged_probes(tmp_path: Path) -> None:
     """The real MiniLM weights on the offline corpus: the first and last layers (the full
-    default job, every layer with baselines, is the README's run, too slow for the suite)."""
-    args = ["layers=subset", "layers.indices=[0,6]", "data.token_budget=20000"]
+    default job, every layer with baselines, is the README's run, too slow for the suite). The
+    probes stop at a relative gradient of 1e-3, not the default 1e-4: 43 s instead of 126 s
+    alone, with the same top-1 to three places (0.971 and 0.917 against 0.971 and 0.916); the
+    solver's precision is test_solver's subject."""
+    args = ["layers=subset", "layers.indices=[0,6]", "data.token_budget=20000", "probe.tol=1e-3"]
     run_cli([*args, "statistics.enabled=false", "hydra.run.dir=out"], cwd=tmp_path)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     rows = metrics["layers"]
