@@ -49,6 +49,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return (os.cpu_count() or 1) + 1
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests first: the short unit tests then fill the workers' last minutes, instead
+    of one long job running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 # Each worker's jobs get its share of the cores (at least one thread): jobs with as many OpenMP
 # threads as the machine has cores spin against each other.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
