@@ -70,13 +70,16 @@ def run_job(
     statistics = measure(config, acts, scorer, fitted, device, checkpoint)
     clock.append(time.perf_counter())
 
-    metrics = job_metrics(config, acts, split, fitted, statistics, basis.name)
-    metrics.update(timing_s=stage_times(clock), resources=resources(device))
-    metrics.update(job=job, config=resolved)
-    results = JobMetrics(**metrics)
-    write_job_files(out_dir, results, fitted.fits, split.classes, basis)
+    metrics = JobMetrics(
+        **job_metrics(config, acts, split, fitted, statistics, basis.name),
+        timing_s=stage_times(clock),
+        resources=resources(device),
+        job=job,
+        config=resolved,
+    )
+    write_job_files(out_dir, metrics, fitted.fits, split.classes, basis)
     checkpoint.discard()
-    return results
+    return metrics
 
 
 def measure(

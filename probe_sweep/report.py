@@ -46,8 +46,8 @@ def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> 
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir) if jobs is None else jobs
     finished = [j for j in jobs if j.status == "finished"]
-    counts = {s: sum(j.status == s for j in jobs) for s in ("finished", "failed", "skipped")}
-    counts.update({s: sum(j.status == s for j in jobs) for s in ("pruned", "incomplete")})
+    statuses = ("finished", "failed", "skipped", "pruned", "incomplete")
+    counts = {status: sum(j.status == status for j in jobs) for status in statuses}
     where = "/".join(sweep_dir.resolve().parts[-2:])  # multirun/<date>/<time> -> <date>/<time>
     lines = [
         f"# Sweep report: {sweep_dir}",
@@ -144,7 +144,6 @@ def unfinished_lines(jobs: list[JobResult], sweep_dir: Path) -> list[str]:
             for j in failed
         ]
         lines = markdown_table(["job", "type", "error", "overrides"], rows)
-    where = {j.dir: f"`{j.dir.relative_to(sweep_dir).as_posix()}`" for j in jobs}
     for status, heading in (
         ("skipped", "Skipped (complete results for the same config already in the sweep):"),
         ("pruned", "Pruned (Optuna trials their study stopped early; see pruned.json):"),
@@ -153,13 +152,15 @@ def unfinished_lines(jobs: list[JobResult], sweep_dir: Path) -> list[str]:
         these = [j for j in jobs if j.status == status]
         if these:
             lines += ["", heading, ""]
-            lines += [
-                f"- {j.label}: results in `{(j.skipped or {}).get('results')}`"
-                if status == "skipped"
-                else f"- {j.label}: {where[j.dir]}"
-                for j in these
-            ]
+            lines += [f"- {j.label}: {_where(j, sweep_dir)}" for j in these]
     return lines
+
+
+def _where(job: JobResult, sweep_dir: Path) -> str:
+    """A skipped job's results, else the job's own dir (relative to the sweep)."""
+    if job.status == "skipped":
+        return f"results in `{(job.skipped or {}).get('results')}`"
+    return f"`{job.dir.relative_to(sweep_dir).as_posix()}`"
 
 
 def plot_sweep(jobs: list[JobResult], path: Path, title: str) -> bool:
