@@ -89,8 +89,8 @@ def to_typed(cfg: DictConfig) -> Config:
         _check(0 < value < 1, f"data.{name}={value} must lie strictly between 0 and 1")
     _check(0 < probe.tol < 1, f"probe.tol={probe.tol} must lie strictly between 0 and 1")
     _check(
-        probe.max_iter > 0 and probe.history_size > 0 and probe.chunk_mb > 0,
-        "probe.max_iter, probe.history_size and probe.chunk_mb must be > 0",
+        probe.max_iter > 0 and probe.chunk_mb > 0 and probe.memory_mb > 0,
+        "probe.max_iter, probe.chunk_mb and probe.memory_mb must be > 0",
     )
     _check(config.activations.batch_size > 0, "activations.batch_size must be > 0")
     check_objective(config.tuning)

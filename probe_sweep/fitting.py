@@ -77,14 +77,20 @@ def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
 
 def log_fit(name: str, c: dict[str, Any]) -> None:
     """One line per fit (``c``: its convergence record): logs and SLURM files get this instead
-    of progress bars."""
+    of progress bars. A fit short of its tolerance is a warning."""
     if c.get("solver") == "closed_form":
         return
+    if "gap_rel" in c:
+        gap = c["gap_rel"]
+        kind = "certified gap" if c.get("gap_bound") is not None else "estimated gap (no bound)"
+        reached = f"{kind} {gap:.1e}" if gap is not None else "no gap"
+    else:
+        reached = f"largest gradient entry {c['max_grad_rel']:.1e} of its start"
     state = "converged" if c["converged"] else "NOT converged"
     log.log(
         logging.INFO if c["converged"] else logging.WARNING,
-        "%s: %s (%s, %d iterations, objective %.6g, gradient %.1e of its start, tol %.0e)",
-        *(name, state, c["solver"], c["iterations"], c["objective"], c["grad_norm_rel"], c["tol"]),
+        "%s: %s (%s, %d iterations, objective %.8g, %s, tol %.0e)",
+        *(name, state, c["solver"], c["iterations"], c["objective"], reached, c["tol"]),
     )
 
 
@@ -115,7 +121,7 @@ class Scorer:
         row = {"layer": layer, "probe": name, **summarise(tokens, frequent, self.bootstrap)}
         row.update(val_nll=val["nll"], val_top1=val["top1"])
         conv = fit.convergence
-        row.update({k: conv[k] for k in ("iterations", "grad_norm_rel", "converged") if k in conv})
+        row.update({k: conv[k] for k in ("iterations", "gap_rel", "converged") if k in conv})
         return row, tokens["correct1"]
 
 

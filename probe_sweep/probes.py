@@ -42,21 +42,23 @@ class RegKind(Enum):
 @dataclass
 class ProbeConfig:
     """``classes=seen``: the softmax is over token types seen in training (held-out tokens of
-    other types count as errors); ``vocab``: over the whole vocabulary.
+    other types count as errors); ``vocab``: over the whole vocabulary (types no training token
+    has get probability 0, exactly the optimum's limit, so the cost grows with the types seen).
 
-    The softmax fit runs until the largest gradient entry (for l1: of the proximal gradient
-    step) is at most ``tol`` times its value at the zero probe, or ``max_iter`` iterations.
-    ``chunk_mb`` bounds the memory of one chunk of logits, so memory stays flat in the tokens.
+    A softmax fit stops when its certified relative gap to the optimum, (f - f*) / |f| bounded
+    by a duality gap, is at most ``tol`` (without a penalty: the Newton decrement's estimate,
+    uncertified), or after ``max_iter`` iterations (Newton for l2/none, FISTA for l1).
+    ``chunk_mb`` bounds one chunk of logits; rows and probabilities are kept in memory up to
+    ``memory_mb`` (beyond it the rows stream from the cache each pass). ``path_strengths``: the
+    ridge probe's validation path (metrics.json ``ridge_path``).
     """
 
     kind: ProbeKind = ProbeKind.softmax
     classes: ClassSet = ClassSet.seen
-    tol: float = 1e-4
-    max_iter: int = 500
-    history_size: int = 10
-    chunk_mb: int = 256
-    # Strengths at which a whole regularisation path is fitted and scored on validation
-    # (ridge: from one eigendecomposition; softmax: each fit warm-started from the last).
+    tol: float = 1e-6
+    max_iter: int = 1000
+    chunk_mb: int = 64
+    memory_mb: int = 4096
     path_strengths: list[float] = field(default_factory=list)
 
 
@@ -140,43 +142,45 @@ def fit_softmax_probe(
     init: LinearProbe | None = None,
     desc: str = "softmax probe",
 ) -> FitResult:
-    """The softmax probe at the optimum of mean cross-entropy + penalty (see ``solver.py``).
+    """The softmax probe at the optimum of mean cross-entropy + penalty (see ``solver.py``),
+    with its certified gap in ``convergence``.
 
-    ``init`` (a probe over the same classes, e.g. the fit at a nearby strength) is a warm start,
-    used when its objective is below the zero probe's. Rows labelled -1 (types not in the class
-    set) cannot enter a cross-entropy and are left out.
+    ``init`` (a probe over the same classes, e.g. the previous layer's) is a warm start, used
+    when its objective is below the input-blind start's. Rows labelled -1 (types not in the
+    class set) cannot enter a cross-entropy and are left out. Classes no row carries are left
+    out of the fit: weight 0, bias -inf (their probability's infimum).
     """
     rows = rows.labelled()
     mean, scale = standardisation(rows)
-    chunk = solver.chunk_rows(cfg.chunk_mb, rows.d, n_classes)
-    l2 = reg.strength if reg.kind is RegKind.l2 else 0.0
-    l1 = reg.strength if reg.kind is RegKind.l1 else 0.0
     device = rows.labels.device
-    problem = solver.SoftmaxObjective(rows, n_classes, mean.to(device), scale, l2, chunk)
-    start = None if init is None else (init.weight.detach(), init.bias.detach())
-    (weight, bias), convergence, history = solver.minimise(
-        problem, start, l1, cfg.tol, cfg.max_iter, cfg.history_size, desc
+    present = torch.bincount(rows.labels, minlength=n_classes) > 0
+    position = torch.cumsum(present, 0) - 1
+    fitted = rows.with_labels(position[rows.labels]) if not bool(present.all()) else rows
+    n_fitted = int(present.sum())
+    problem = solver.SoftmaxProblem(
+        fitted,
+        n_fitted,
+        mean.to(device),
+        scale,
+        l2=reg.strength if reg.kind is RegKind.l2 else 0.0,
+        l1=reg.strength if reg.kind is RegKind.l1 else 0.0,
+        chunk=solver.chunk_rows(cfg.chunk_mb, rows.d, n_fitted),
+        memory_mb=cfg.memory_mb,
     )
-    probe = LinearProbe(weight, bias, mean.to(device), scale)
+    start = None
+    if init is not None:  # a class absent where ``init`` was fitted starts from its frequency
+        bias = init.bias.detach()[present].to(problem.freq)
+        bias = torch.where(torch.isfinite(bias), bias, problem.freq.log())
+        start = (init.weight.detach()[present], bias)
+    (weight, bias), convergence, history = solver.minimise(
+        problem, start, cfg.tol, cfg.max_iter, desc
+    )
+    full_weight = weight.new_zeros(n_classes, rows.d)
+    full_bias = bias.new_full((n_classes,), -math.inf)
+    full_weight[present], full_bias[present] = weight, bias
+    convergence["absent_classes"] = n_classes - n_fitted
+    probe = LinearProbe(full_weight.to(mean), full_bias.to(mean), mean.to(device), scale)
     return FitResult(probe=probe, convergence=convergence, history=history)
-
-
-def fit_softmax_path(
-    rows: Rows,
-    n_classes: int,
-    reg: RegConfig,
-    cfg: ProbeConfig,
-    strengths: list[float],
-    init: LinearProbe | None = None,
-) -> list[FitResult]:
-    """Softmax probes along a regularisation path, strongest penalty first, each warm-started
-    from the one before (the optimum moves little between neighbouring strengths)."""
-    fits: dict[float, FitResult] = {}
-    for strength in sorted(strengths, reverse=True):
-        step = RegConfig(reg.kind, strength)
-        fit = fit_softmax_probe(rows, n_classes, step, cfg, init, f"path {strength:g}")
-        fits[strength], init = fit, fit.probe
-    return [fits[s] for s in strengths]
 
 
 class RidgePath:
@@ -261,7 +265,8 @@ def fit_ridge_probe(
 @torch.no_grad()
 def token_scores(probe: LinearProbe, rows: Rows, batch: int = 4096) -> dict[str, np.ndarray]:
     """Per held-out token: top-1 and top-5 correct, and the NLL (NaN where the token's type is
-    not a class, label -1: it counts as an error in top-1/top-5 and has no NLL)."""
+    not a class, label -1, or a class no training token had, probability 0: it counts as an
+    error in top-1/top-5 and has no NLL)."""
     correct1, correct5, nll = [], [], []
     for x, target in rows.chunks(batch):
         logits = probe(x.to(probe.weight.device, probe.weight.dtype)).float()
@@ -270,7 +275,9 @@ def token_scores(probe: LinearProbe, rows: Rows, batch: int = 4096) -> dict[str,
         correct1.append(top[:, 0] == target)
         correct5.append((top == target[:, None]).any(1))
         loss = torch.full(target.shape, float("nan"), device=logits.device)
-        known = target >= 0
+        # a type outside the class set, or one no training row had (bias -inf): no NLL
+        picked = logits.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
+        known = (target >= 0) & torch.isfinite(picked)
         if known.any():
             loss[known] = F.cross_entropy(logits[known], target[known], reduction="none")
         nll.append(loss)

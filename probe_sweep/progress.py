@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 
-def _is_terminal(stream: TextIO | None) -> bool:
+def is_terminal(stream: TextIO | None) -> bool:
     try:
         return bool(stream is not None and stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
@@ -36,7 +36,7 @@ class ExtractionProgress:
         self.seq = self.tokens = self.reported = 0
         self.started = time.monotonic()
         self.bar: Any = None
-        if _is_terminal(self.stream):
+        if is_terminal(self.stream):
             self.bar = tqdm(total=n_seq, unit="seq", desc="extract activations", file=self.stream)
         else:
             log.info(
@@ -77,6 +77,42 @@ class ExtractionProgress:
             if self.seq < self.n_seq
             else f"done in {_duration(elapsed)}",
         )
+
+
+class FitProgress:
+    """Progress of one probe fit: a bar with the iteration, objective and relative gap on a
+    terminal; elsewhere a log line every ``every`` seconds once the fit has run that long, so a
+    short fit writes nothing and a long one is never silent."""
+
+    def __init__(self, desc: str, every: float = 30.0, stream: TextIO | None = None) -> None:
+        self.desc, self.every = desc, every
+        self.started = self.last = time.monotonic()
+        self.bar: Any = None
+        stream = sys.stderr if stream is None else stream
+        if is_terminal(stream):
+            self.bar = tqdm(desc=desc, unit="it", leave=False, file=stream)
+
+    def __enter__(self) -> FitProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, iteration: int, value: float, gap_rel: float | None) -> None:
+        """The fit is at ``iteration`` with objective ``value`` and relative gap ``gap_rel``."""
+        gap = "n/a" if gap_rel is None else f"{gap_rel:.1e}"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(objective=f"{value:.6g}", gap=gap)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info(
+                "%s: iteration %d, objective %.6g, relative gap %s, %s",
+                *(self.desc, iteration, value, gap, _duration(now - self.started)),
+            )
 
 
 def _duration(seconds: float) -> str:

@@ -32,7 +32,7 @@ ROW_KEYS = {
     "n_unseen",
     "iterations",
     "converged",
-    "grad_norm_rel",
+    "gap_rel",
     "probe",
 }
 

@@ -139,8 +139,8 @@ def gpu_report(
         f"({f.n_tokens / max(f.extract_s, 1e-9):,.0f} tokens/s with model build and "
         f"tokenising; the loop alone "
         f"{'not logged' if f.loop_rate is None else f'{f.loop_rate:,.0f} tokens/s'}), fit "
-        f"stage {f.fit_s:.1f} s ({f.iterations} iterations, worst gradient "
-        f"{f.grad_norm_rel:.1e} of its start), statistics {f.statistics_s:.1f} s; cache "
+        f"stage {f.fit_s:.1f} s ({f.iterations} iterations, worst relative "
+        f"gap {f.gap_rel:.1e}), statistics {f.statistics_s:.1f} s; cache "
         f"{f.cache_bytes / 2**30:.2f} GiB"
     ]
     return rows, lines

@@ -136,7 +136,7 @@ class JobFigures:
     evaluations: int  # loss+gradient evaluations, summed over the job's probes
     iterations: list[int]
     converged: bool
-    grad_norm_rel: float  # the worst probe's
+    gap_rel: float  # the worst probe's relative gap
     extract_s: float  # the job's extract stage: model load, tokenising, forward, cache write
     fit_s: float  # its fit stage: standardisation, solver, held-out scoring
     statistics_s: float
@@ -182,7 +182,7 @@ def job_figures(run_dir: Path, run: JobRun) -> JobFigures:
         evaluations=sum(int(f.get("evaluations", 1)) for f in fits),
         iterations=[int(f.get("iterations", 0)) for f in fits],
         converged=bool(metrics.probe["all_converged"]),
-        grad_norm_rel=max((float(f.get("grad_norm_rel", 0.0)) for f in fits), default=0.0),
+        gap_rel=max((float(f.get("gap_rel") or 0.0) for f in fits), default=0.0),
         extract_s=float(timing["extract"]),
         fit_s=float(timing["fit"]),
         statistics_s=float(timing.get("statistics", 0.0)),

@@ -6,7 +6,7 @@ read-out trained on the model's own objective keeps, next to the identity probe.
   Tuned Lens"): an affine translator h -> h + A h + b per layer, read out through the final
   norm and unembedding, trained so that its distribution matches the final layer's:
   mean KL(final || lens) + ``l2 * ||A||^2``. Ours starts from the logit lens (A = 0, b = 0) and
-  is fitted full-batch to a tolerance with the project's L-BFGS (``solver.minimise``), which
+  is fitted full-batch to a tolerance with the project's L-BFGS (``lbfgs.minimise``), which
   reports how close it came; the paper trains with SGD over a large corpus. The objective is
   not convex (the norm sits between translator and unembedding), so "converged" means a
   stationary point near the logit lens, not the global optimum.
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe_sweep.solver import Params
+from probe_sweep.lbfgs import Params
 from probe_sweep.statistics.bootstrap import SequenceBootstrap
 from probe_sweep.statistics.lens import lens_logits
 
