@@ -134,6 +134,15 @@ def standardisation(rows: Rows, chunk: int = 65536) -> tuple[torch.Tensor, float
     return mean, max(scale, 1e-8)
 
 
+def in_coordinates_of(probe: LinearProbe, mean: torch.Tensor, scale: float) -> LinearProbe:
+    """The same affine map from x to logits, for inputs standardised by ``mean`` and ``scale``:
+    ((x - m1) / s1) W^T + b = ((x - m2) / s2) (W s2 / s1)^T + b + ((m2 - m1) / s1) W^T."""
+    weight, bias = probe.weight.detach(), probe.bias.detach()
+    old_scale = float(probe.scale)
+    shift = (mean.to(weight) - probe.mean.to(weight)) / old_scale
+    return LinearProbe(weight * (scale / old_scale), bias + weight @ shift, mean.to(weight), scale)
+
+
 def fit_softmax_probe(
     rows: Rows,
     n_classes: int,
@@ -145,10 +154,12 @@ def fit_softmax_probe(
     """The softmax probe at the optimum of mean cross-entropy + penalty (see ``solver.py``),
     with its certified gap in ``convergence``.
 
-    ``init`` (a probe over the same classes, e.g. the previous layer's) is a warm start, used
-    when its objective is below the input-blind start's. Rows labelled -1 (types not in the
-    class set) cannot enter a cross-entropy and are left out. Classes no row carries are left
-    out of the fit: weight 0, bias -inf (their probability's infimum).
+    ``init`` (a probe over the same classes and inputs of the same width, e.g. the previous
+    layer's or the previous MDL block's) is a warm start: the same map from x to logits, put in
+    this fit's standardisation, used when its objective is below the input-blind start's.
+    Rows labelled -1 (types not in the class set) cannot enter a cross-entropy and are left
+    out. Classes no row carries are left out of the fit: weight 0, bias -inf (their
+    probability's infimum).
     """
     rows = rows.labelled()
     mean, scale = standardisation(rows)
@@ -169,6 +180,7 @@ def fit_softmax_probe(
     )
     start = None
     if init is not None:  # a class absent where ``init`` was fitted starts from its frequency
+        init = in_coordinates_of(init, mean.to(device), scale)
         bias = init.bias.detach()[present].to(problem.freq)
         bias = torch.where(torch.isfinite(bias), bias, problem.freq.log())
         start = (init.weight.detach()[present], bias)

@@ -11,18 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe_sweep.probes import ProbeConfig, RegConfig, fit_softmax_probe, standardisation
+from probe_sweep.probes import (
+    ProbeConfig,
+    RegConfig,
+    fit_softmax_probe,
+    in_coordinates_of,
+    standardisation,
+)
 from probe_sweep.rows import in_memory
 from probe_sweep.statistics.mdl import (
     DEFAULT_FRACTIONS,
-    _in_coordinates_of,
     block_ends,
     code_bits,
     online_codelength,
 )
 from tests.conftest import TINY, run_cli
 
-CFG = ProbeConfig(tol=1e-4, max_iter=200)
+CFG = ProbeConfig()
 C, D, N = 8, 16, 4000
 
 
@@ -109,7 +114,7 @@ def test_warm_start_is_the_same_map_and_changes_no_block() -> None:
     y = torch.randint(0, C, (2000,), generator=g)
     x = embeddings[y] + 1.5 * torch.randn(2000, D, generator=g) + 2  # overlapping classes
     first = fit_softmax_probe(in_memory(x[:500], y[:500]), C, RegConfig(), CFG).probe
-    moved = _in_coordinates_of(first, *standardisation(in_memory(x[:1000], y[:1000])))
+    moved = in_coordinates_of(first, *standardisation(in_memory(x[:1000], y[:1000])))
     assert not torch.allclose(moved.weight, first.weight)
     torch.testing.assert_close(moved(x), first(x), atol=1e-4, rtol=1e-4)
 

@@ -35,7 +35,6 @@ from probe_sweep.probes import (
     ProbeConfig,
     RegConfig,
     fit_softmax_probe,
-    standardisation,
 )
 from probe_sweep.rows import Rows
 
@@ -52,15 +51,6 @@ def block_ends(n: int, fractions: tuple[float, ...] | list[float]) -> list[int]:
     if fractions[0] <= 0 or fractions[-1] != 1.0:
         raise ValueError(f"fractions must lie in (0, 1] and end at 1.0, got {fractions}")
     return sorted({min(n, round(f * n)) for f in fractions} - {0})
-
-
-def _in_coordinates_of(probe: LinearProbe, mean: torch.Tensor, scale: float) -> LinearProbe:
-    """The same affine map from x to logits, for inputs standardised by ``mean`` and ``scale``:
-    ((x - m1) / s1) W^T + b = ((x - m2) / s2) (W s2 / s1)^T + b + ((m2 - m1) / s1) W^T."""
-    weight, bias = probe.weight.detach(), probe.bias.detach()
-    old_scale = float(probe.scale)
-    shift = (mean.to(weight) - probe.mean.to(weight)) / old_scale
-    return LinearProbe(weight * (scale / old_scale), bias + weight @ shift, mean.to(weight), scale)
 
 
 # Weight of the uniform code mixed into every block's code: a type no earlier block showed has
@@ -132,9 +122,8 @@ def online_codelength(
     probe: LinearProbe | None = None
     for start, end in pairwise(ends):
         train = ordered.head(start)
-        init = None if probe is None else _in_coordinates_of(probe, *standardisation(train))
         label = f"{desc} mdl {start}/{n}".strip()
-        fit = fit_softmax_probe(train, n_classes, reg, cfg, init, label)
+        fit = fit_softmax_probe(train, n_classes, reg, cfg, probe, label)
         probe = fit.probe
         blocks.append(
             {
