@@ -17,7 +17,7 @@ from tests.conftest import REPO, subprocess_timeout
 
 DEFAULT_ROWS = (
     "1 extraction",
-    "2 softmax probe",
+    "2 solver",
     "3 ridge path",
     "4 sweep",
     "5 memory",
@@ -35,7 +35,7 @@ def figures(n_train: int, fit_s: float, peak_rss_mib: float, evaluations: int = 
         evaluations=evaluations,
         iterations=[3],
         converged=False,
-        grad_norm_rel=0.5,
+        gap_rel=0.5,
         extract_s=10.0,
         fit_s=fit_s,
         statistics_s=0.0,
@@ -123,8 +123,8 @@ def test_bench_runs_end_to_end_and_appends_its_table(tmp_path: Path) -> None:
             "--token-budget=2000",
             "--seq-len=64",
             "--memory-budget=1000",
-            "--tol=1e-3",
             "--repeats=1",
+            "--sk-budget=20",
             "--strengths=1e-4,1e-2",
         ],
         tmp_path,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from probe_sweep.bench import __doc__ as package_doc
 from probe_sweep.bench.common import REPO, Row, machine, progress
-from probe_sweep.probes import ProbeConfig, RegConfig
+from probe_sweep.probes import RegConfig
 
 DEFAULT_STRENGTHS = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 SECTIONS = ["extraction", "softmax", "ridge", "sweep", "memory", "contention", "scale", "gpu_scale"]
@@ -55,10 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="layers for the scikit-learn comparisons (python indices into 0..n_layers)",
     )
     p.add_argument("--strength", type=float, default=RegConfig().strength, help="l2 strength")
-    p.add_argument("--tol", type=float, default=ProbeConfig().tol, help="solver tolerance")
     p.add_argument("--repeats", type=int, default=3, help="runs of our timed fits (median)")
     p.add_argument("--sk-repeats", type=int, default=1, help="runs of scikit-learn fits (median)")
-    p.add_argument("--sk-max-iter", type=int, default=2000, help="LogisticRegression max_iter")
+    p.add_argument(
+        "--sk-budget", type=float, default=900, help="solver: scikit-learn's seconds per solver"
+    )
     p.add_argument(
         "--strengths",
         type=lambda s: [float(v) for v in s.split(",")],
