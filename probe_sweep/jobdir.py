@@ -35,7 +35,7 @@ WANDB_RUN = "wandb_run.json"  # what the tracker writes where a run went (README
 FITS = ".fits"
 FIT_SUFFIX = ".safetensors"
 
-SCHEMA_VERSION = 1  # of metrics.json (README); part of every job's content key
+SCHEMA_VERSION = 2  # of metrics.json (README); part of every job's content key
 # The one list of config keys outside a job's identity (its content key, the W&B config hash, the
 # job dir's name): they change where, how fast or how a job is tracked and tuned, not its numbers.
 # ``device`` moves the arithmetic (float rounding, not results); ``tuning`` names the study and

@@ -120,24 +120,26 @@ def _layer_nulls(layer: Any, stats: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _log_fit_curves(wandb: Any, run: Any, curves: dict[str, list[dict[str, Any]]]) -> None:
-    """The objective at every solver evaluation, one curve ``fit/<probe>/objective`` per fitted
-    probe on an ``evaluation`` x-axis, and all of them in one chart."""
-    run.define_metric("evaluation")
-    run.define_metric("fit/*", step_metric="evaluation")
+    """The objective and the estimated relative gap at every solver iteration, curves
+    ``fit/<probe>/objective`` and ``fit/<probe>/gap_rel`` per fitted probe on an ``iteration``
+    x-axis, and all objectives in one chart."""
+    run.define_metric("iteration")
+    run.define_metric("fit/*", step_metric="iteration")
     for probe, history in curves.items():
         for point in history:
-            run.log(
-                {"evaluation": point["evaluation"], f"fit/{probe}/objective": point["objective"]}
-            )
+            logged = {"iteration": point["iteration"], f"fit/{probe}/objective": point["objective"]}
+            if point.get("gap_rel") is not None:
+                logged[f"fit/{probe}/gap_rel"] = point["gap_rel"]
+            run.log(logged)
     if any(curves.values()):
         chart = wandb.plot.line_series(
-            xs=[[x["evaluation"] for x in h] for h in curves.values()],
+            xs=[[x["iteration"] for x in h] for h in curves.values()],
             ys=[[x["objective"] for x in h] for h in curves.values()],
             keys=list(curves),
-            title="training objective by solver evaluation, one line per probe",
-            xname="evaluation",
+            title="training objective by solver iteration, one line per probe",
+            xname="iteration",
         )
-        run.log({"charts/objective_by_evaluation": chart})
+        run.log({"charts/objective_by_iteration": chart})
 
 
 def _tables(
@@ -153,10 +155,10 @@ def _tables(
     for row in rows:
         per_layer.add_data(row["layer"], row.get("probe"), *[row.get(c) for c in columns])
     tables: dict[str, Any] = {"tables/per_layer": per_layer}
-    training = [[probe, p["evaluation"], p["objective"]] for probe, h in curves.items() for p in h]
+    training = [[probe, p["iteration"], p["objective"]] for probe, h in curves.items() for p in h]
     if training:
         tables["tables/training"] = wandb.Table(
-            columns=["probe", "evaluation", "objective"], data=training
+            columns=["probe", "iteration", "objective"], data=training
         )
     if stats:
         extra = sorted({k for s in stats for k in s} - {"name", *STAT_FIELDS})

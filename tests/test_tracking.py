@@ -128,14 +128,14 @@ def test_a_job_is_one_run_with_everything_logged(tmp_path: Path, fake: FakeWandb
     assert by_layer[0][f"{key}/p"] == cosine[0]["p"]
     assert not any(k.startswith("by_layer/null/entries/variance_share") for k in by_layer[0])
 
-    # The solver's objective per probe, on an evaluation x-axis, and in one chart.
-    assert run.metrics["fit/*"].step_metric == "evaluation"
+    # The solver's objective per probe, on an iteration x-axis, and in one chart.
+    assert run.metrics["fit/*"].step_metric == "iteration"
     for name, fit in metrics["fits"].items():
         curve = run.rows_with(f"fit/{name}/objective")
-        assert [(r["evaluation"], r[f"fit/{name}/objective"]) for r in curve] == [
-            (p["evaluation"], p["objective"]) for p in fit["history"]
+        assert [(r["iteration"], r[f"fit/{name}/objective"]) for r in curve] == [
+            (p["iteration"], p["objective"]) for p in fit["history"]
         ]
-    chart = run.logged("charts/objective_by_evaluation")
+    chart = run.logged("charts/objective_by_iteration")
     assert chart.kind == "line_series" and chart.args["keys"] == list(metrics["fits"])
 
     # Tables, and every PNG in the job dir as an image.
@@ -400,7 +400,7 @@ def test_a_cli_job_is_one_real_offline_run_in_its_own_dir(
     assert real.exit_code == 0 and real.run.run_id == info["id"]
     assert real.config["model"]["name"] == "tiny-gpt2" and real.config["tracker"]["mode"] == "auto"
     assert real.metrics["by_layer/*"].step_metric == "layer"
-    assert real.metrics["fit/*"].step_metric == "evaluation"
+    assert real.metrics["fit/*"].step_metric == "iteration"
     top1 = [r["by_layer/top1"] for r in real.rows_with("by_layer/top1")]
     assert top1 == [r["top1"] for r in metrics["layers"]]
     (artifact,) = [a for a in real.artifacts if a.type == "probes"]
@@ -414,7 +414,7 @@ def test_a_cli_job_is_one_real_offline_run_in_its_own_dir(
     (recorded,) = recorder.runs
     assert real.run.display_name == recorded.init["name"]
     assert real.run.job_type == recorded.init["job_type"] and real.tags == recorded.init["tags"]
-    chart = "charts/objective_by_evaluation"
+    chart = "charts/objective_by_iteration"
     logged = history_keys(recorded.history) - {chart} | {f"{chart}_table"}
     written = history_keys(real.history)  # a table or image: its record's fields, <key>/<field>
     assert all(under(key, logged) for key in written)
