@@ -487,6 +487,8 @@ def _newton(
             params, at, polished = candidate, problem.evaluate(candidate), True
         grad = (at.grad_w, at.grad_b)
         forcing = min(0.1, math.sqrt(math.sqrt(_dot(grad, grad)) / max(grad0, 1e-300)))
+        if estimate is not None and estimate > 0:  # solve no tighter than the last step needs
+            forcing = max(forcing, min(0.5, math.sqrt(0.1 * tol * scale / estimate)))
         step, _ = conjugate_gradient(problem, at, damping, forcing, 200)
         predicted = -(_dot(grad, step) + 0.5 * _dot(step, problem.hessian_product(at, step)))
         if estimate is None:
