@@ -64,6 +64,7 @@ def layers_table(metrics: dict[str, Any]) -> str:
                 ci(row.get("top1_minus_random_init"), row.get("top1_minus_random_init_ci")),
                 ci(row.get("control_top1"), row.get("control_top1_ci")),
                 ci(row.get("selectivity"), row.get("selectivity_ci")),
+                gap_cell(row),
             ]
         )
         cells = [str(layer)]
@@ -80,7 +81,7 @@ def layers_table(metrics: dict[str, Any]) -> str:
         [
             table(
                 ["layer", "top-1", "random-init top-1", "difference", "control-task top-1",
-                 "selectivity"],
+                 "selectivity", "relative gap"],
                 accuracy,
             ),
             table(
@@ -95,6 +96,14 @@ def layers_table(metrics: dict[str, Any]) -> str:
             ),
         ]
     )  # fmt: skip
+
+
+def gap_cell(row: dict[str, Any]) -> str:
+    """The fit's relative gap to its optimum, and whether it met its tolerance."""
+    gap = row.get("gap_rel")
+    if gap is None:
+        return "closed form" if row.get("converged") else "n/a"
+    return f"{gap:.1e}" + ("" if row.get("converged") else " (NOT converged)")
 
 
 def bases_table(sweep: Path) -> str:
@@ -113,13 +122,13 @@ def bases_table(sweep: Path) -> str:
                     str(layer),
                     ci(row["top1"], row.get("top1_ci")),
                     str(row.get("iterations")),
-                    str(row.get("converged")),
+                    gap_cell(row),
                     ci(cos["observed"], cos["ci"]),
                     shares(row),
                     f"{ratio_cell(ratio)} ({ratio['null']})",
                 ]
             )
-    header = ["basis", "layer", "top-1", "iterations", "converged", "cosine to W_E",
+    header = ["basis", "layer", "top-1", "Newton iterations", "relative gap", "cosine to W_E",
               "weight / variance share, bottom half", "ratio (null: p)"]  # fmt: skip
     return table(header, rows)
 

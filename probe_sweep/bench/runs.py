@@ -133,7 +133,7 @@ class JobFigures:
     n_train: int
     n_sequences: int
     n_classes: int
-    evaluations: int  # loss+gradient evaluations, summed over the job's probes
+    evaluations: int  # passes over the rows (gradient passes + Hessian products), all probes
     iterations: list[int]
     converged: bool
     gap_rel: float  # the worst probe's relative gap
@@ -179,7 +179,7 @@ def job_figures(run_dir: Path, run: JobRun) -> JobFigures:
         n_train=counts["n_train_tokens"],
         n_sequences=counts["n_sequences"],
         n_classes=metrics.probe["n_classes"],
-        evaluations=sum(int(f.get("evaluations", 1)) for f in fits),
+        evaluations=sum(int(f.get("passes", 1)) + int(f.get("hessian_products", 0)) for f in fits),
         iterations=[int(f.get("iterations", 0)) for f in fits],
         converged=bool(metrics.probe["all_converged"]),
         gap_rel=max((float(f.get("gap_rel") or 0.0) for f in fits), default=0.0),
