@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     progress(f"sections: {', '.join(ordered)}")
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="probe_sweep_bench-", dir=args.work_dir) as tmp:
         rows, notes = run_sections(args, chosen, Path(tmp))
     text = report(args, ordered, rows, notes, time.perf_counter() - started)
