@@ -85,15 +85,14 @@ def control_probes(
     rows; returns the control fits by the identity probe's name."""
     inputs, n_labels = scorer.inputs, config.statistics.control_labels
     labels = control_labels(config, inputs, vocab_size)
-    fits, previous = {}, None  # warm start: the control probe of the layer before
+    fits = {}
     for row in fitted.rows:
         layer, name = row["layer"], f"control_layer_{row['layer']}"
-        fit = previous = checkpoint.get_or_fit(
+        fit = checkpoint.get_or_fit(
             name,
-            lambda layer=layer, init=previous: fit_softmax_probe(
+            lambda layer=layer: fit_softmax_probe(
                 inputs(TRAIN, layer).with_labels(labels[TRAIN]), n_labels, config.reg,
-                config.probe, None if init is None else init.probe,
-                desc=f"layer {layer} control probe",
+                config.probe, desc=f"layer {layer} control probe",
             ),
         )  # fmt: skip
         log_fit(name, fit.convergence)

@@ -63,19 +63,16 @@ class ProbeTask:
     class_embeddings: torch.Tensor | None = None  # W_E rows of the classes: the ridge target
 
 
-def fit_probe(
-    config: Config, task: ProbeTask, desc: str, init: FitResult | None = None
-) -> FitResult:
-    """The configured probe at the configured strength. A softmax probe starts from ``init``
-    (the previous layer's probe) where that beats the input-blind start; the closed-form ridge
-    probe, tried as a start before, had a higher objective than zero in every MiniLM fit."""
+def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
+    """The configured probe at the configured strength. A softmax probe starts from the
+    input-blind probe: the previous layer's probe as a warm start made MiniLM's layer 6 slower
+    (BENCHMARKS.md, 2026-12-05), and the closed-form ridge probe had a higher objective."""
     if config.probe.kind is ProbeKind.ridge:
         assert task.class_embeddings is not None
         return fit_ridge_probe(
             task.train, task.class_embeddings, config.reg, task.val, config.probe.path_strengths
         )
-    start = None if init is None else init.probe
-    return fit_softmax_probe(task.train, task.n_classes, config.reg, config.probe, start, desc)
+    return fit_softmax_probe(task.train, task.n_classes, config.reg, config.probe, desc=desc)
 
 
 def log_fit(name: str, c: dict[str, Any]) -> None:
@@ -160,17 +157,13 @@ def fit_identity_probes(
         names = {layer: f"layer_{layer}" for layer in layers}
         train_layers = val_layers = {name: layer for layer, name in names.items()}
     fits: dict[str, FitResult] = {}
-    previous: FitResult | None = None  # the warm start: the layer before
     for name in dict.fromkeys(names.values()):
         task = ProbeTask(
             inputs(TRAIN, train_layers[name]), inputs(VAL, val_layers[name]), n_classes,
             class_embeddings,
         )  # fmt: skip
-        fits[name] = previous = checkpoint.get_or_fit(
-            prefix + name,
-            lambda task=task, name=name, init=previous: fit_probe(
-                config, task, prefix + name, init
-            ),
+        fits[name] = checkpoint.get_or_fit(
+            prefix + name, lambda task=task, name=name: fit_probe(config, task, prefix + name)
         )
         log_fit(prefix + name, fits[name].convergence)
     fitted = Fitted(fits, train_layers, [], {})

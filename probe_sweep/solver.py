@@ -15,15 +15,19 @@ infimum is 0): they are left out of the fit, exactly, with weight 0 and bias -in
 - l1: FISTA (constant step from Boehning's curvature bound, gradient restart).
 
 The stopping rule is a certificate on the objective: the duality gap P(W, b) - D(U) >= f - f*,
-with the dual point U built from the probabilities of the current probe (made feasible for the
-unpenalised bias by a mixture with a fixed distribution). For l2 and a feasible U it equals
-||grad_W f||^2 / (4 l2). A fit stops when gap / |f| <= tol. Without a penalty no dual bound
-exists (the optimum may not be attained); the fit stops on the Newton decrement's estimate of
-f - f* instead, and says that it is uncertified.
+with the dual point U built from the probabilities of the current probe. The certificate is
+taken in float64 after the bias is polished to its exact optimum for the weight, which makes U
+feasible for the unpenalised bias (whatever infeasibility is left is paid for by a mixture with
+a fixed distribution); for l2 and a feasible U the gap is ||grad_W f||^2 / (4 l2). A fit stops
+when gap / |f| <= tol. Without a penalty no dual bound exists (the optimum may not be
+attained); the fit stops on the Newton decrement's estimate of f - f* and says it is
+uncertified.
 
-Passes are in float32 (float64 when the rows are), summed in float64 across chunks; rows and
-probabilities stay in memory up to ``memory_mb``, beyond which the rows are streamed and the
-Hessian uses an evenly spread subsample of chunks (the gradient stays exact).
+Passes are in float32 until the predicted decrease of a step falls below what float32 resolves
+of the objective, then in float64 (float64 throughout when the rows are), summed in float64
+across chunks. Rows and probabilities stay in memory up to ``memory_mb``, beyond which the rows
+are streamed and the Hessian uses an evenly spread subsample of chunks (the gradient, and so
+the certificate, stays exact).
 """
 
 from __future__ import annotations
