@@ -209,9 +209,10 @@ class SoftmaxProblem:
     @torch.no_grad()
     def evaluate(self, params: Params, keep: bool = True) -> Pass:
         """The objective and its gradient at ``params`` in one pass over the rows; ``keep``
-        the probabilities of the Hessian's chunks for ``hessian_product``."""
+        the probabilities of the Hessian's chunks for ``hessian_product`` and the curvature
+        sums its preconditioner needs (FISTA uses neither)."""
         self.passes += 1
-        return self._pass(params, self._probabilities(params, self.dtype), keep, True)
+        return self._pass(params, self._probabilities(params, self.dtype), keep, keep)
 
     @torch.no_grad()
     def certify(
