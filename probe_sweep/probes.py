@@ -95,7 +95,7 @@ class LinearProbe(torch.nn.Module):
 @dataclass
 class FitResult:
     """A fitted probe; ``convergence`` says how close it came to its objective's optimum
-    (solver, iterations, objective, relative gradient norm, tolerance, converged)."""
+    (solver, iterations, objective, certified gap, tolerance, converged)."""
 
     probe: LinearProbe
     convergence: dict[str, float | int | bool | str] = field(default_factory=dict)
