@@ -22,9 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from probe_sweep import jobdir, jobs, threads, tracking, tuning
+from probe_sweep import fingerprints, jobdir, jobs, threads, tracking, tuning
 from probe_sweep.config import Config, register_schema, to_typed
+from probe_sweep.data import CorpusSource
 from probe_sweep.errors import UserError
+from probe_sweep.model import resolve_location
 from probe_sweep.pipeline import run_job
 
 log = logging.getLogger("probe_sweep")
@@ -149,6 +151,15 @@ def caused_by_interrupt(exc: BaseException) -> bool:
     return isinstance(cause, KeyboardInterrupt)
 
 
+def input_digests(config: Config) -> dict[str, str]:
+    """Digests of the local model dir and text files the job reads, for its content key (files
+    that do not exist are left to the data stage's error)."""
+    model_dir = resolve_location(config.model.path) if config.model.path else None
+    files = list(config.data.paths) if config.data.source is CorpusSource.text_files else []
+    existing = [p for p in files if Path(p).expanduser().is_file()]
+    return fingerprints.job_inputs(model_dir, existing)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; return the tuning objective (what an Optuna sweep optimises). In a multirun
@@ -162,7 +173,7 @@ def main(cfg: DictConfig) -> float | None:
         progress_bars_on_terminal_only()
         config = to_typed(cfg)
         resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[assignment]
-        key = jobdir.job_key(resolved)
+        key = jobdir.job_key(resolved, inputs=input_digests(config))
         done = None
         if multirun and not config.redo:
             done = jobdir.find_complete(Path(hydra_cfg.sweep.dir), key)

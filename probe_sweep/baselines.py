@@ -94,6 +94,7 @@ def control_probes(
                 inputs(TRAIN, layer).with_labels(labels[TRAIN]), n_labels, config.reg,
                 config.probe, desc=f"layer {layer} control probe",
             ),
+            shape=(n_labels, inputs(TRAIN, layer).d),
         )  # fmt: skip
         log_fit(name, fit.convergence)
         control, correct = scorer(fit, layer, name, labels)
@@ -181,6 +182,7 @@ def lens_probe_scores(
                 guess(TRAIN), len(columns), config.reg, config.probe,
                 desc=f"layer {layer} logit-lens probe",
             ),
+            shape=(len(columns), len(columns)),
         )  # fmt: skip
         log_fit(name, fit.convergence)
         tokens = token_scores(fit.probe, guess(TEST))

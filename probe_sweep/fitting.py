@@ -163,7 +163,9 @@ def fit_identity_probes(
             class_embeddings,
         )  # fmt: skip
         fits[name] = checkpoint.get_or_fit(
-            prefix + name, lambda task=task, name=name: fit_probe(config, task, prefix + name)
+            prefix + name,
+            lambda task=task, name=name: fit_probe(config, task, prefix + name),
+            shape=(n_classes, task.train.d),
         )
         log_fit(prefix + name, fits[name].convergence)
     fitted = Fitted(fits, train_layers, [], {})

@@ -67,10 +67,20 @@ def keyed_content(resolved: dict[str, Any]) -> dict[str, Any]:
     return content
 
 
-def job_key(resolved: dict[str, Any], schema_version: int = SCHEMA_VERSION) -> str:
+def job_key(
+    resolved: dict[str, Any],
+    schema_version: int = SCHEMA_VERSION,
+    *,
+    inputs: dict[str, str] | None = None,
+) -> str:
     """A content key for one job: the resolved config minus settings that leave results alone,
-    and the version of the metrics it writes."""
-    blob = json.dumps({"config": keyed_content(resolved), "schema": schema_version}, sort_keys=True)
+    the version of the metrics it writes, and ``inputs``, the digests of the local files it
+    reads (``fingerprints.job_inputs``), so results of a changed model dir or corpus file are
+    not taken for this job's."""
+    content: dict[str, Any] = {"config": keyed_content(resolved), "schema": schema_version}
+    if inputs:
+        content["inputs"] = inputs
+    blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from probe_sweep.errors import UserError
+from probe_sweep.fingerprints import tensors_digest
 
 PACKAGE_PREFIX = "pkg://"
 
@@ -241,6 +242,7 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: in
         "random_init": cfg.random_init,
         "init_seed": seed if (cfg.path is None or cfg.random_init) else None,
         "transformers": transformers.__version__,
+        "weights_xxh3": tensors_digest(module),
     }
     return LoadedModel(
         module=module,

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import typing
 from collections.abc import Callable
 from enum import Enum
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -30,6 +30,8 @@ from probe_sweep.probes import FitResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_FIT_BYTES = 8 << 30  # a GPT-2-XL-sized probe over the whole vocabulary takes 0.3 GiB
+STAMP_BYTES = 64
 
 
 class FitCheckpoint:
@@ -50,17 +52,20 @@ class FitCheckpoint:
     ) -> None:
         self.out_dir, self.dir, self.device, self.kind = out_dir, out_dir / FITS, device, kind
         stamp = self.dir / "key"
-        if self.dir.exists() and (not stamp.is_file() or stamp.read_text() != key):
-            shutil.rmtree(self.dir)
+        if self.dir.is_symlink() or (self.dir.exists() and _read_stamp(stamp) != key):
+            discard_fits(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         stamp.write_text(key)
 
-    def get_or_fit(self, name: str, fit: Callable[[], T]) -> T:
-        """``fit()``'s value, saved under ``name``; read back instead when already saved."""
+    def get_or_fit(self, name: str, fit: Callable[[], T], shape: tuple[int, ...] = ()) -> T:
+        """``fit()``'s value, saved under ``name``; read back instead when already saved, its
+        checksum and values verified (and ``shape``, when given, the probe weight's)."""
         path = self.dir / f"{name}{FIT_SUFFIX}"
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():
             try:
                 value: T = load_fit(path, self.kind, self.device)
+                if shape and _probe_shape(value) != shape:
+                    raise ValueError(f"probe of shape {_probe_shape(value)}, this job's is {shape}")
             except Exception as exc:  # unreadable, tampered with, or of another code version
                 log.warning("Refused saved probe %s (%s); fitting it again", path, _brief(exc))
             else:
@@ -75,6 +80,22 @@ class FitCheckpoint:
 
     def discard(self) -> None:
         discard_fits(self.out_dir)
+
+
+def _read_stamp(stamp: Path) -> str | None:
+    """The content key a ``.fits`` dir was written for (at most a key's length is read: the
+    file is untrusted), or None when it is missing or not a regular file."""
+    try:
+        if not stamp.is_file() or stamp.is_symlink():
+            return None
+        with open(stamp, "rb") as f:
+            return f.read(STAMP_BYTES).decode("ascii", errors="replace")
+    except OSError:
+        return None
+
+
+def _probe_shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.probe.weight.shape) if hasattr(value, "probe") else ()
 
 
 def _brief(exc: BaseException) -> str:
@@ -118,21 +139,29 @@ def save_fit(path: Path, value: Any) -> None:
     metadata = {
         "type": _type_name(type(value)),
         "modules": json.dumps(modules),
-        "fields": json.dumps(plain, default=_json_default),
+        "fields": json.dumps(plain, default=_json_default, allow_nan=False),
     }
     # Own, contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     cpu = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    metadata["checksum"] = _checksum(metadata, cpu)
     tmp = temp_path(path)
     save_file(cpu, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
 def load_fit(path: Path, kind: type[T], device: torch.device | str = "cpu") -> T:
-    """Read back what ``save_fit`` wrote for a ``kind`` dataclass; raises on any mismatch (not a
-    safetensors file, another type, a field or tensor missing or left over)."""
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    """Read back what ``save_fit`` wrote for a ``kind`` dataclass; raises on any mismatch (too
+    large, not a safetensors file, a checksum that does not match, another type, a field or
+    tensor missing or left over, or values the kind's ``check()`` refuses)."""
+    size = path.stat().st_size
+    if size > MAX_FIT_BYTES:
+        raise ValueError(f"{size} bytes, more than a saved fit may take ({MAX_FIT_BYTES})")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if metadata.get("checksum") != _checksum(metadata, tensors):
+        raise ValueError("checksum mismatch: the file changed after it was written")
+    tensors = {k: t.to(device) for k, t in tensors.items()}
     if metadata.get("type") != _type_name(kind):
         raise ValueError(f"holds {metadata.get('type')!r}, not {_type_name(kind)}")
     modules = json.loads(metadata["modules"])
@@ -157,7 +186,23 @@ def load_fit(path: Path, kind: type[T], device: torch.device | str = "cpu") -> T
             raise ValueError(f"field {name!r} is missing")
     if tensors or plain:
         raise ValueError(f"unknown entries {sorted([*tensors, *plain])}")
-    return kind(**values)
+    value = kind(**values)
+    if hasattr(value, "check"):
+        value.check()
+    return value
+
+
+def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """xxh3-128 of the metadata (but the checksum) and every tensor's name, dtype, shape and
+    bytes."""
+    digest = xxhash.xxh3_128()
+    fields = {k: v for k, v in metadata.items() if k != "checksum"}
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    for name in sorted(tensors):
+        flat = tensors[name].detach().reshape(-1).contiguous().cpu()
+        digest.update(f"|{name}|{flat.dtype}|{tuple(tensors[name].shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _rebuild_module(annotation: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -1,0 +1,59 @@
+"""Digests of what a job's numbers depend on besides its config: the weights a model holds and
+the files it reads. They enter the activation cache's key and a job's content key, so a
+checkpoint retrained in place or a text file edited in place is never answered from results
+computed before the change.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import xxhash
+
+BLOCK = 1 << 20
+
+
+def tensors_digest(module: torch.nn.Module) -> str:
+    """xxh3-128 of every parameter and buffer (name, dtype, shape and bytes): the weights the
+    model actually computes with, whatever file they came from."""
+    digest = xxhash.xxh3_128()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def files_digest(paths: Iterable[str | Path]) -> str:
+    """xxh3-128 of files' names and contents, in the given order."""
+    digest = xxhash.xxh3_128()
+    for path in paths:
+        digest.update(f"{Path(path).name}\x00".encode())
+        with open(Path(path).expanduser(), "rb") as f:
+            while block := f.read(BLOCK):
+                digest.update(block)
+        digest.update(b"\x00end-of-file\x00")
+    return digest.hexdigest()
+
+
+def directory_digest(path: str | Path) -> str:
+    """xxh3-128 of a model directory's files (top level, where ``from_pretrained`` reads):
+    names and contents, read before the model loads them (xxh3 runs at memory speed, and the
+    load then reads the weights from the page cache). Modification times are left out: a copy
+    that keeps them still changes the digest, and a touched file does not."""
+    root = Path(path).expanduser()
+    return files_digest(sorted(p for p in root.iterdir() if p.is_file()))
+
+
+def job_inputs(model_dir: str | None, text_files: list[str]) -> dict[str, str]:
+    """What a job's content key adds to its config: the digest of its local model directory
+    (none for a hub id or a random-init architecture) and of its corpus's text files."""
+    inputs = {}
+    if model_dir is not None and os.path.isdir(model_dir):
+        inputs["model_dir_xxh3"] = directory_digest(model_dir)
+    if text_files:
+        inputs["text_files_xxh3"] = files_digest(text_files)
+    return inputs
