@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -16,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 from filelock import Timeout
 
@@ -30,7 +32,6 @@ from probe_sweep.cache_entry import (
     discard,
     entry_lock,
     last_used,
-    read_meta,
 )
 from probe_sweep.errors import UserError
 
@@ -76,12 +77,14 @@ def when(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def scan(root: Path) -> list[Item]:
-    """Everything of the cache's under ``root``, entries first (lock files are not listed)."""
+def scan(root: Path, verify: bool = False) -> list[Item]:
+    """Everything of the cache's under ``root``, entries first (lock files are not listed).
+    Entries are checked as a run checks them (meta.json, each layer file's size and header),
+    with ``verify`` also their checksums (reads every byte)."""
     items: list[Item] = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         try:
-            item = _item(path)
+            item = _item(path, verify)
         except FileNotFoundError:  # removed by a concurrent prune or run meanwhile
             continue
         if item is not None:
@@ -90,13 +93,13 @@ def scan(root: Path) -> list[Item]:
     return sorted(items, key=lambda i: (order[i.kind], i.name))
 
 
-def _item(path: Path) -> Item | None:
+def _item(path: Path, verify: bool) -> Item | None:
     if not path.is_dir():
         return None
     if KEY_RE.match(path.name):
         item = Item(path.name, "entry", disk_size(path), last_used(path))
         try:
-            meta = read_meta(path)
+            meta = check_entry(path, verify)
         except CacheDamaged as damage:
             item.problem = damage.problem
         except UserError as exc:
@@ -139,6 +142,9 @@ def key_of(item: Item) -> str | None:
 def delete(root: Path, item: Item) -> None:
     """Delete ``item``, refusing while another process holds its key's lock (computing it)."""
     path, key = root / item.name, key_of(item)
+    if path.is_symlink():  # only the link: what it points to is outside the cache's care
+        path.unlink()
+        return
     if item.kind == "quarantined" or key is None:
         shutil.rmtree(path)
         return
@@ -160,7 +166,7 @@ def delete(root: Path, item: Item) -> None:
 
 
 def cmd_list(root: Path, args: argparse.Namespace) -> int:
-    items = scan(root)
+    items = scan(root, args.verify)
     if args.json:
         rows = [{**asdict(i), "used": when(i.used), "used_s": i.used} for i in items]
         print(json.dumps(rows, indent=2))
@@ -180,7 +186,11 @@ def cmd_list(root: Path, args: argparse.Namespace) -> int:
                 f"{i.created}  last used {when(i.used)}  corpus {i.corpus}"
             )
     total = sum(i.size for i in items)
-    print(f"{len([i for i in items if i.kind == 'entry'])} entries, {human(total)} in all")
+    checked = "checksums verified" if args.verify else "checksums not read: --verify reads them"
+    print(
+        f"{len([i for i in items if i.kind == 'entry'])} entries, {human(total)} in all "
+        f"(meta.json and layer files checked; {checked})"
+    )
     return 0
 
 
@@ -201,14 +211,18 @@ def cmd_verify(root: Path, args: argparse.Namespace) -> int:
 
 def cmd_remove(root: Path, args: argparse.Namespace) -> int:
     item = find(root, args.key, ("entry", "quarantined", "temporary"))
+    path = root / item.name
+    if path.is_symlink():
+        target = os.readlink(path)
+        delete(root, item)
+        print(f"removed the symbolic link {path} (what it points to, {target}, is left alone)")
+        return 0
     delete(root, item)
-    print(f"removed {root / item.name} ({human(item.size)})")
+    print(f"removed {path} ({human(item.size)})")
     return 0
 
 
 def cmd_prune(root: Path, args: argparse.Namespace) -> int:
-    if args.older_than < 0:
-        raise UserError("--older-than must be a number of days >= 0")
     cutoff = time.time() - args.older_than * DAY
     freed = 0
     for item in scan(root):
@@ -217,7 +231,7 @@ def cmd_prune(root: Path, args: argparse.Namespace) -> int:
         if not args.dry_run:
             try:
                 delete(root, item)
-            except UserError as exc:
+            except (UserError, OSError) as exc:
                 print(f"skipped {item.name}: {exc}")
                 continue
         freed += item.size
@@ -227,15 +241,33 @@ def cmd_prune(root: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line (and status 2, as argparse's own)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def days(text: str) -> float:
+    """A number of days: finite and >= 0 (``nan`` would otherwise compare false and prune all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days >= 0, e.g. 30")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--cache-dir",
         default=argparse.SUPPRESS,
         help="the cache (default: $PROBE_SWEEP_CACHE or ~/.cache/probe_sweep/activations, as "
         "activations.cache_dir)",
     )
-    main = argparse.ArgumentParser(
+    main = Parser(
         prog="python -m probe_sweep.cache",
         description="List, verify, remove and prune activation cache entries.",
         parents=[common],
@@ -243,12 +275,13 @@ def parser() -> argparse.ArgumentParser:
     sub = main.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", parents=[common], help="entries with size, model, corpus, times")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--verify", action="store_true", help="also read every checksum")
     verify = sub.add_parser("verify", parents=[common], help="check every checksum")
     verify.add_argument("key", nargs="?", help="one entry (a key or its unique prefix)")
     remove = sub.add_parser("remove", parents=[common], help="delete one entry")
     remove.add_argument("key", help="an entry's key (or prefix), or a quarantined name")
     prune = sub.add_parser("prune", parents=[common], help="delete what was not used lately")
-    prune.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    prune.add_argument("--older-than", type=days, required=True, metavar="DAYS")
     prune.add_argument("--dry-run", action="store_true", help="only say what would go")
     return main
 

@@ -24,7 +24,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -69,18 +69,27 @@ class CacheDamaged(UserError):
 
 @dataclass
 class ActivationStore:
-    """A complete cache entry; ``layer(l)`` memory-maps one layer without reading it all."""
+    """A complete cache entry, every layer memory-mapped (nothing read yet) when it is opened:
+    an entry removed meanwhile (``cache remove``, ``prune``) stays readable to the job that
+    opened it, as the kernel keeps an unlinked file while it is mapped."""
 
     path: Path
     meta: dict[str, Any]
     reused: bool
+    maps: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.maps = {
+            layer: np.load(layer_file(self.path, layer), mmap_mode="r")
+            for layer in self.meta["layers"]
+        }
 
     @property
     def layers(self) -> list[int]:
         return list(self.meta["layers"])
 
     def layer(self, layer: int) -> np.ndarray:
-        return np.load(layer_file(self.path, layer), mmap_mode="r")
+        return self.maps[layer]
 
 
 def cache_key(key_inputs: dict[str, Any]) -> str:
@@ -204,7 +213,10 @@ def open_store(path: Path, expected: dict[str, Any], verify: bool = True) -> Act
     for name in ("layers", "n_rows", "d_model", "dtype"):
         if meta[name] != expected[name]:
             raise CacheDamaged(path, f"meta.json has {name}={meta[name]}, not {expected[name]}")
-    return ActivationStore(path=path, meta=meta, reused=True)
+    try:
+        return ActivationStore(path=path, meta=meta, reused=True)
+    except FileNotFoundError:  # removed since it was checked: as good as absent
+        return None
 
 
 def touch_last_used(path: Path) -> None:
@@ -237,7 +249,11 @@ def quarantine(path: Path) -> Path:
 
 
 def discard(path: Path) -> None:
-    """Delete an entry: renamed to a temporary name first, so no reader sees it half deleted."""
+    """Delete an entry: renamed to a temporary name first, so no reader sees it half deleted
+    (an entry that is a symbolic link: the link only)."""
+    if path.is_symlink():
+        path.unlink()
+        return
     trash = path.with_name(f"{TMP_PREFIX}{path.name}-removed-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,76 @@ def test_prune_removes_what_was_not_used_lately(tiny, tmp_path: Path) -> None:
     assert fresh.path.is_dir() and new_corrupt.is_dir()
     assert busy_tmp.is_dir() and f"skipped {busy_tmp.name}" in proc.stdout
     assert "freed" in proc.stdout
+
+
+@pytest.mark.parametrize("days", ["nan", "inf", "-1", "-inf", "soon"])
+def test_prune_refuses_a_number_of_days_that_is_not_one(tiny, tmp_path: Path, days: str) -> None:
+    """``--older-than nan`` compared false with every entry's age and removed them all."""
+    model, corpus = tiny
+    store = extract(model, corpus, [0], ActivationsConfig(cache_dir=str(tmp_path / "cache")), CPU)
+    for dry_run in ([], ["--dry-run"]):
+        proc = cache_cli("prune", f"--older-than={days}", *dry_run)
+        assert proc.returncode == 2 and proc.stdout == ""
+        [line] = proc.stderr.splitlines()
+        assert line.startswith("error:") and "is not a number of days >= 0" in line
+    assert store.path.is_dir() and (store.path / "layer_0.npy").is_file()
+
+
+def test_an_entry_removed_while_a_job_reads_it_stays_readable(tiny, tmp_path: Path) -> None:
+    """``cache remove`` (or ``prune --older-than 0``) during a fit crashed the job with
+    FileNotFoundError; the job maps its layers when it opens the entry and reads on."""
+    model, corpus = tiny
+    cfg = ActivationsConfig(cache_dir=str(tmp_path / "cache"))
+    extract(model, corpus, [0, 1, 2], cfg, CPU)
+    store = extract(model, corpus, [0, 1, 2], cfg, CPU)  # a job reusing the entry
+    assert store.reused
+    first = np.array(store.layer(0))
+    proc = cache_cli("prune", "--older-than", "0")
+    assert proc.returncode == 0 and f"removed entry {store.path.name}" in proc.stdout
+    assert not store.path.exists()
+    assert np.array_equal(store.layer(0), first)
+    assert store.layer(2).shape == (store.meta["n_rows"], 64) and np.isfinite(store.layer(2)).all()
+    again = extract(model, corpus, [0, 1, 2], cfg, CPU)  # the next job recomputes it
+    assert not again.reused and np.array_equal(again.layer(0), first)
+
+
+def test_list_marks_a_damaged_entry_and_verify_reads_checksums(tiny, tmp_path: Path) -> None:
+    model, corpus = tiny
+    cfg = ActivationsConfig(cache_dir=str(tmp_path / "cache"))
+    good = extract(model, corpus, [0], cfg, CPU)
+    flipped = extract(model, corpus, [1], cfg, CPU)
+    truncated = extract(model, corpus, [2], cfg, CPU)
+    flip_finite(flipped.path / "layer_1.npy")
+    layer = truncated.path / "layer_2.npy"
+    layer.write_bytes(layer.read_bytes()[:-64])
+    plain = {line.split()[0]: line for line in cache_cli("list").stdout.splitlines() if line}
+    assert "DAMAGED" in plain[truncated.path.name] and "DAMAGED" not in plain[good.path.name]
+    assert "checksums not read: --verify reads them" in cache_cli("list").stdout
+    verified = cache_cli("list", "--verify").stdout
+    lines = {line.split()[0]: line for line in verified.splitlines() if line}
+    assert "DAMAGED" in lines[flipped.path.name] and "checksum" in lines[flipped.path.name]
+    assert "DAMAGED" in lines[truncated.path.name] and "DAMAGED" not in lines[good.path.name]
+
+
+def test_remove_and_prune_take_a_symlinked_entry_as_a_link(tiny, tmp_path: Path) -> None:
+    """``remove`` reported success and left a renamed link; ``prune`` stopped at the first
+    link ("Cannot call rmtree on a symbolic link")."""
+    model, corpus = tiny
+    elsewhere = tmp_path / "elsewhere"
+    store = extract(model, corpus, [0], ActivationsConfig(cache_dir=str(elsewhere)), CPU)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - 10 * DAY))
+    linked = [cache / store.path.name, cache / f"{store.path.name}.corrupt-{stamp}"]
+    for link in linked:
+        link.symlink_to(store.path, target_is_directory=True)
+    proc = cache_cli("remove", store.path.name)
+    assert proc.returncode == 0 and "removed the symbolic link" in proc.stdout, proc.stderr
+    assert sorted(p.name for p in cache.iterdir()) == [linked[1].name]
+    linked[0].symlink_to(store.path, target_is_directory=True)
+    age(store.path, 10)
+    proc = cache_cli("prune", "--older-than", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("removed ") == 2 and "skipped" not in proc.stdout
+    assert [p for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    assert (store.path / "layer_0.npy").is_file(), "the link's target was deleted"
