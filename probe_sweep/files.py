@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +30,20 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     tmp = temp_path(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
     os.replace(tmp, path)
+
+
+def read_regular(path: Path, limit: int) -> str:
+    """The text of ``path`` if it is a regular file of at most ``limit`` bytes; ValueError for
+    anything else (a FIFO, a device, a directory: opened without blocking, then refused), so
+    a planted file cannot hang or exhaust a reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path} has {info.st_size} bytes, more than {limit}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1).decode("utf-8")
+    finally:
+        os.close(fd)

@@ -14,12 +14,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probe_sweep.files import write_json
+from probe_sweep.files import read_regular, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ WANDB_RUN = "wandb_run.json"  # what the tracker writes where a run went (README
 FITS = ".fits"
 FIT_SUFFIX = ".safetensors"
 
+MAX_METRICS_BYTES = 1 << 30
 SCHEMA_VERSION = 2  # of metrics.json (README); part of every job's content key
 # The one list of config keys outside a job's identity (its content key, the W&B config hash, the
 # job dir's name): they change where, how fast or how a job is tracked and tuned, not its numbers.
@@ -139,9 +141,73 @@ class JobMetrics:
             expected = list if name == "layers" else dict
             if not isinstance(value[name], expected):
                 raise InvalidMetrics(f"section {name!r} is not a JSON {expected.__name__}")
-        if not all(isinstance(row, dict) for row in value["layers"]):
-            raise InvalidMetrics("a row of 'layers' is not a JSON object")
+        _check_fields(value)
         return cls(**value)
+
+
+# What readers of metrics.json (report, tracker, tuner, README tables) rely on, by section:
+# each field's JSON type; "number" is a finite int or float, "count" an int >= 0.
+REQUIRED: dict[str, dict[str, str]] = {
+    "model": {"name": "str", "n_layers": "count", "d_model": "count", "vocab_size": "count"},
+    "probe": {
+        "kind": "str", "layers": "str", "basis": "str", "reg": "str", "strength": "number",
+        "classes": "str", "n_classes": "count", "target_offset": "int", "tol": "number",
+        "all_converged": "bool",
+    },
+    "cache": {"key": "str", "path": "str", "reused": "bool"},
+    "job": {"key": "str", "overrides": "list"},
+}  # fmt: skip
+ROW_REQUIRED = {
+    "layer": "count", "probe": "str", "top1": "number", "top5": "number", "nll": "number",
+    "n_test": "count", "val_nll": "number", "val_top1": "number",
+}  # fmt: skip
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "number":
+        return type(value) in (int, float) and math.isfinite(value)
+    if kind in ("count", "int"):
+        return type(value) is int and (kind == "int" or value >= 0)
+    return type(value).__name__ == kind
+
+
+def _scalar(value: Any) -> bool:
+    """A finite number, a bool, null, or a pair of them (an interval)."""
+    if isinstance(value, list):
+        return len(value) == 2 and all(v is None or _is(v, "number") for v in value)
+    return value is None or isinstance(value, bool) or _is(value, "number")
+
+
+def _check_fields(value: dict[str, Any]) -> None:
+    """The fields readers use, with their types; every number in the per-layer rows, counts
+    and timings finite. Raises ``InvalidMetrics`` naming the first bad field."""
+    for section, fields in REQUIRED.items():
+        for name, kind in fields.items():
+            if not _is(value[section].get(name), kind):
+                raise InvalidMetrics(f"{section}.{name} is not a {kind}")
+    for section, kind in (("counts", "count"), ("timing_s", "number")):
+        for name, item in value[section].items():
+            if not _is(item, kind):
+                raise InvalidMetrics(f"{section}.{name} is not a {kind}")
+    if not value["layers"]:
+        raise InvalidMetrics("'layers' is empty")
+    for i, row in enumerate(value["layers"]):
+        if not isinstance(row, dict):
+            raise InvalidMetrics(f"layers[{i}] is not a JSON object")
+        for name, kind in ROW_REQUIRED.items():
+            if not _is(row.get(name), kind):
+                raise InvalidMetrics(f"layers[{i}].{name} is not a {kind}")
+        for name, item in row.items():
+            if name not in ROW_REQUIRED and not _scalar(item):
+                raise InvalidMetrics(f"layers[{i}].{name} is not a finite number or interval")
+    for name, fit in value["fits"].items():
+        if not isinstance(fit, dict):
+            raise InvalidMetrics(f"fits.{name} is not a JSON object")
+    for i, entry in enumerate(value["statistics"].get("entries", [])):
+        if not (isinstance(entry, dict) and _is(entry.get("name"), "str")):
+            raise InvalidMetrics(f"statistics.entries[{i}] has no name")
+        if not _scalar(entry.get("observed")):
+            raise InvalidMetrics(f"statistics.entries[{i}].observed is not a finite number")
 
 
 def write_metrics(out_dir: Path, metrics: JobMetrics) -> None:
@@ -152,7 +218,11 @@ def write_metrics(out_dir: Path, metrics: JobMetrics) -> None:
 def read_metrics(job_dir: Path) -> JobMetrics:
     """A job dir's metrics.json, checked (``InvalidMetrics``, or ``OSError`` when absent)."""
     try:
-        value = json.loads((job_dir / METRICS).read_text())
+        text = read_regular(job_dir / METRICS, MAX_METRICS_BYTES)
+    except ValueError as exc:
+        raise InvalidMetrics(str(exc)) from None
+    try:
+        value = json.loads(text)
     except ValueError as exc:
         raise InvalidMetrics(f"not JSON ({exc})") from None
     return JobMetrics.from_json(value)

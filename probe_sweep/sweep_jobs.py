@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from probe_sweep.files import read_regular
 from probe_sweep.jobdir import (
     FAILED,
     METRICS,
@@ -26,6 +27,7 @@ from probe_sweep.jobdir import (
 )
 
 log = logging.getLogger("probe_sweep.report")
+MAX_MARKER_BYTES = 1 << 20  # failed.json, skipped.json, wandb_run.json
 
 
 @dataclass
@@ -45,7 +47,7 @@ class JobResult:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(read_regular(path, MAX_MARKER_BYTES))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None

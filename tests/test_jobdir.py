@@ -4,6 +4,7 @@ that is not what a finished job writes never counts as finished results."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,15 @@ def test_metrics_read_back_as_written(tmp_path: Path) -> None:
         (lambda m: m.pop("layers"), "missing ['layers']"),
         (lambda m: m.update(extra={}), "unknown ['extra']"),
         (lambda m: m.update(statistics=[]), "'statistics' is not a JSON dict"),
-        (lambda m: m["layers"].append(3), "a row of 'layers'"),
+        (lambda m: m["layers"].append(3), "layers[3] is not a JSON object"),
+        (lambda m: m.update(layers=[]), "'layers' is empty"),
+        (lambda m: m["layers"][1].pop("val_nll"), "layers[1].val_nll is not a number"),
+        (lambda m: m["layers"][0].update(top1="0.9"), "layers[0].top1 is not a number"),
+        (lambda m: m["layers"][2].update(selectivity=None, gap_rel=[1]), "layers[2].gap_rel"),
+        (lambda m: m["probe"].update(strength="high"), "probe.strength is not a number"),
+        (lambda m: m["counts"].update(n_test_tokens=-1), "counts.n_test_tokens is not a count"),
+        (lambda m: m["statistics"]["entries"][0].update(observed="x"), "entries[0].observed"),
+        (lambda m: m["job"].update(key=None), "job.key is not a str"),
     ],
 )
 def test_a_damaged_metrics_file_is_refused_and_never_counts_as_finished(
@@ -64,4 +73,20 @@ def test_not_json_is_refused(tmp_path: Path) -> None:
     job_dir, _ = finished(tmp_path)
     (job_dir / jobdir.METRICS).write_text('{"schema_version": 1, ')
     with pytest.raises(jobdir.InvalidMetrics, match="not JSON"):
+        jobdir.read_metrics(job_dir)
+
+
+def test_a_fifo_or_a_huge_file_as_metrics_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO named metrics.json hung the report (a blocking open waits for a writer)."""
+    job_dir = tmp_path / "0"
+    job_dir.mkdir()
+    os.mkfifo(job_dir / jobdir.METRICS)
+    with pytest.raises(jobdir.InvalidMetrics, match="not a regular file"):
+        jobdir.read_metrics(job_dir)
+    (job,) = read_jobs(tmp_path)
+    assert job.status == "incomplete"
+    (job_dir / jobdir.METRICS).unlink()
+    with open(job_dir / jobdir.METRICS, "wb") as f:
+        f.truncate(jobdir.MAX_METRICS_BYTES + 1)
+    with pytest.raises(jobdir.InvalidMetrics, match="more than"):
         jobdir.read_metrics(job_dir)
