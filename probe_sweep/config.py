@@ -7,6 +7,7 @@ value fails at composition time, naming the key and the allowed values, before a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from hydra.core.config_store import ConfigStore
@@ -56,6 +57,61 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+# The range of every numeric setting (list settings: of each element), lowest and highest
+# allowed, None for no bound; every float must also be finite. Checked before anything loads.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**32 - 1),  # numpy's seeds
+    "data.token_budget": (1, None),
+    "data.seq_len": (1, None),
+    "data.val_fraction": (0, 1),  # strictly inside: checked below
+    "data.test_fraction": (0, 1),
+    "activations.batch_size": (1, None),
+    "layers.indices": (0, None),
+    "target.offset": (None, None),
+    "probe.tol": (0, 1),  # strictly inside: checked below
+    "probe.max_iter": (1, None),
+    "probe.chunk_mb": (1, None),
+    "probe.memory_mb": (1, None),
+    "probe.path_strengths": (0, None),
+    "basis.top_k": (1, None),
+    "basis.bottom_k": (1, None),
+    "basis.n_components": (1, None),
+    "basis.n_nonzero": (1, None),
+    "basis.fit_rows": (1, None),
+    "basis.max_iter": (1, None),
+    "reg.strength": (0, None),
+    "statistics.n_permutations": (2, None),
+    "statistics.n_bootstrap": (20, None),  # fewer resamples cannot place a 95% interval
+    "statistics.n_bootstrap_types": (20, None),
+    "statistics.subspace_dim": (0, None),
+    "statistics.control_labels": (2, None),
+    "statistics.lens_rows": (1, None),
+    "statistics.unlikely_k": (1, None),
+    "statistics.k_sweep": (1, None),
+    "statistics.k_seeds": (1, None),
+    "statistics.max_classes": (0, None),
+    "statistics.lens_train_rows": (1, None),
+    "tracker.init_timeout": (0, None),
+}
+
+
+def check_ranges(config: Config) -> None:
+    """One ``UserError`` for the first numeric setting outside ``RANGES`` (or not finite)."""
+    for dotted, (low, high) in RANGES.items():
+        value = config
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        for item in value if isinstance(value, list) else [value]:
+            if item is None:
+                continue
+            ok = math.isfinite(item) and (low is None or item >= low)
+            ok = ok and (high is None or item <= high)
+            if not ok:
+                bounds = f">= {low:g}" if high is None else f"from {low:g} to {high:g}"
+                fix = f"use a value {bounds}" if low is not None else "use a finite number"
+                raise UserError(f"{dotted}={item} is out of range; {fix}")
+
+
 def to_typed(cfg: DictConfig) -> Config:
     """The composed config as plain dataclasses, with value checks a type cannot express."""
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
@@ -77,27 +133,20 @@ def to_typed(cfg: DictConfig) -> Config:
                 f"known {group.name} settings: {', '.join(sorted(known))}",
             )
     data, probe, reg = config.data, config.probe, config.reg
-    _check(reg.strength >= 0, f"reg.strength={reg.strength} is negative; use a value >= 0")
+    check_ranges(config)
     _check(
         not (probe.kind is ProbeKind.ridge and reg.kind is RegKind.l1),
         "probe=ridge has a closed form only with reg=l2 or reg=none; choose one of those",
     )
-    _check(data.token_budget > 0, "data.token_budget must be a positive number of tokens")
-    _check(data.seq_len > 0, "data.seq_len must be positive")
     for name in ("val_fraction", "test_fraction"):
         value = getattr(data, name)
         _check(0 < value < 1, f"data.{name}={value} must lie strictly between 0 and 1")
-    _check(0 < probe.tol < 1, f"probe.tol={probe.tol} must lie strictly between 0 and 1")
     _check(
-        probe.max_iter > 0 and probe.chunk_mb > 0 and probe.memory_mb > 0,
-        "probe.max_iter, probe.chunk_mb and probe.memory_mb must be > 0",
+        data.val_fraction + data.test_fraction < 1,
+        "data.val_fraction + data.test_fraction must be below 1 (the rest is for training)",
     )
-    _check(config.activations.batch_size > 0, "activations.batch_size must be > 0")
+    _check(0 < probe.tol < 1, f"probe.tol={probe.tol} must lie strictly between 0 and 1")
     check_objective(config.tuning)
-    stats = config.statistics
-    _check(stats.n_permutations >= 2, "statistics.n_permutations must be >= 2")
-    _check(stats.control_labels >= 2, "statistics.control_labels must be >= 2")
-    _check(stats.max_classes >= 0, "statistics.max_classes must be >= 0 (0 = all classes)")
     _check(
         config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:"),
         f"device={config.device!r} is not one of auto, cpu, cuda, cuda:<index>",

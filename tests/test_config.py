@@ -84,7 +84,21 @@ def test_unknown_key_is_refused() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["reg.strength=-1"], "reg.strength=-1.0 is negative"),
+        (["reg.strength=-1"], "reg.strength=-1.0 is out of range; use a value >= 0"),
+        (["reg.strength=nan"], "reg.strength=nan is out of range"),
+        (["reg.strength=inf"], "reg.strength=inf is out of range"),
+        (["seed=-1"], "seed=-1 is out of range"),
+        (["seed=4294967296"], "seed=4294967296 is out of range"),
+        (["statistics.n_bootstrap=-3"], "statistics.n_bootstrap=-3 is out of range"),
+        (
+            ["statistics.n_bootstrap=0"],
+            "statistics.n_bootstrap=0 is out of range; use a value >= 20",
+        ),
+        (["statistics.n_bootstrap_types=5"], "statistics.n_bootstrap_types=5 is out of range"),
+        (["statistics.k_sweep=[48,0]"], "statistics.k_sweep=0 is out of range"),
+        (["probe=ridge", "probe.path_strengths=[1e-3,nan]"], "probe.path_strengths=nan"),
+        (["tracker.init_timeout=-inf"], "tracker.init_timeout=-inf is out of range"),
+        (["data.val_fraction=0.6", "data.test_fraction=0.5"], "must be below 1"),
         (["probe=ridge", "reg=l1"], "probe=ridge has a closed form only"),
         (["data.test_fraction=1.5"], "data.test_fraction=1.5"),
         (["device=tpu"], "device='tpu'"),
@@ -120,3 +134,30 @@ def test_inputs_checked_against_the_model_and_corpus_fail_before_the_model_loads
     with pytest.raises(UserError, match=message):
         hidden_states.cache_activations(config, torch.device("cpu"))
     assert not loaded, "the model was loaded before the check"
+
+
+def test_every_numeric_setting_has_a_range() -> None:
+    """A new int or float setting cannot be added without its range (config.RANGES)."""
+    import dataclasses
+    import typing
+
+    from probe_sweep.config import RANGES, Config
+
+    # Set by the Optuna sweeper for each trial (tuning.layer is checked by check_objective).
+    exempt = {"tuning.layer", "tuning.trial_id", "tuning.trial_number"}
+    numeric = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for spec in dataclasses.fields(cls):
+            kind = typing.get_type_hints(cls)[spec.name]
+            if dataclasses.is_dataclass(kind):
+                walk(kind, f"{prefix}{spec.name}.")
+                continue
+            args = {kind, *typing.get_args(kind)}
+            args |= {a for arg in list(args) for a in typing.get_args(arg)}
+            if args & {int, float}:
+                numeric.append(prefix + spec.name)
+
+    walk(Config, "")
+    assert "reg.strength" in numeric and "statistics.k_sweep" in numeric
+    assert sorted(set(numeric) - exempt) == sorted(RANGES)

@@ -128,7 +128,10 @@ def test_minilm_job_meets_the_layer0_bar_with_converged_probes(tmp_path: Path) -
         (["data=text_files", "data.paths=[missing.txt]"], "no such file 'missing.txt'"),
         (["data.token_budget=100000000"], "fewer than data.token_budget=100000000"),
         (["layers=subset", "layers.indices=[0,3]"], r"layers.indices [3] out of range"),
-        (["reg.strength=-0.5"], "reg.strength=-0.5 is negative"),
+        (["reg.strength=-0.5"], "reg.strength=-0.5 is out of range; use a value >= 0"),
+        (["reg.strength=inf"], "reg.strength=inf is out of range"),
+        (["seed=-1"], "seed=-1 is out of range; use a value from 0 to 4.29497e+09"),
+        (["statistics.n_bootstrap=0"], "statistics.n_bootstrap=0 is out of range"),
         (["data.seq_len=300"], "data.seq_len=300 exceeds the model's maximum of 256"),
     ],
 )
