@@ -3,14 +3,18 @@ not at all. Each writes to a temp name in the same directory, then renames it on
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from probe_sweep.errors import UserError
 
 
 def temp_path(path: Path) -> Path:
@@ -20,16 +24,43 @@ def temp_path(path: Path) -> Path:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """``payload`` as indented JSON; NaN and infinity are refused (they are not JSON)."""
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_bytes(path, json.dumps(payload, indent=2, allow_nan=False).encode())
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """``tensors`` (moved to the CPU, made contiguous) as a safetensors file with ``metadata``."""
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_bytes(path, save(cpu, metadata))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` atomically. The temporary file never survives a failure; a full
+    disk is one ``UserError`` naming the directory, the bytes needed and the bytes free."""
     tmp = temp_path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path.parent, len(data)) from exc
+        raise
+
+
+class DiskFull(UserError):
+    """A job dir's disk has no room for a file: one line with the sizes and the fix."""
+
+    def __init__(self, directory: Path, needed: int) -> None:
+        try:
+            free = f"{shutil.disk_usage(directory).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(
+            f"the disk of {directory} is full: {needed:,} bytes needed, {free}. Free space "
+            "there (or choose another hydra.run.dir= / hydra.sweep.dir=) and run the same "
+            "command again: the probes saved so far in .fits/ are kept"
+        )
 
 
 def read_regular(path: Path, limit: int) -> str:

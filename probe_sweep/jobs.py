@@ -109,8 +109,8 @@ def _import_module(name: str) -> Any:
 
 
 def _pickle_torch_classes_by_name() -> None:
-    """``python -m probe_sweep`` defines the task in ``__main__``, which cloudpickle (joblib,
-    submitit) pickles by value with the submodules its names touch: ``config.probe.classes`` pulls
+    """cloudpickle (joblib, submitit) pickles a task defined in ``__main__`` (a script calling
+    ``cli.main``) by value, with the submodules its names touch: ``config.probe.classes`` pulls
     in ``torch.classes``, which pickle cannot handle. Pickle it as a re-import instead. Done at
     import, so it also holds in a SLURM job (which imports this module when it unpickles the
     task) when submitit pickles the task again to requeue it."""

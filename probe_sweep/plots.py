@@ -6,7 +6,7 @@ summary) take ``plt`` and ``save_figure`` from here, so the backend is chosen in
 
 from __future__ import annotations
 
-import os
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from probe_sweep.files import temp_path  # noqa: E402
+from probe_sweep.files import write_bytes  # noqa: E402
 
 __all__ = [
     "plot_accuracy_by_layer",
@@ -33,10 +33,10 @@ __all__ = [
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     """Write ``fig`` as a PNG at ``path`` atomically (a reader never sees half an image) and
     close it."""
-    tmp = temp_path(path)
-    fig.savefig(tmp, dpi=dpi, format="png")
+    image = io.BytesIO()
+    fig.savefig(image, dpi=dpi, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes(path, image.getvalue())
 
 
 def _error_bars(values: list[float | None], cis: list[Any]) -> list[list[float]]:

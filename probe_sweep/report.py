@@ -14,6 +14,7 @@ multirun and makes the multirun exit with status 1 when a job failed;
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from probe_sweep.files import temp_path
+from probe_sweep.files import write_bytes
 from probe_sweep.jobdir import FAILED
 from probe_sweep.offset_map import offset_sections
 from probe_sweep.plots import plot_accuracy_vs_k, plt, save_figure
@@ -79,9 +80,7 @@ def write_sweep_report(sweep_dir: Path, jobs: list[JobResult] | None = None) -> 
     lines += ["", "## Failed jobs", "", *unfinished_lines(jobs, sweep_dir)]
     lines += ["", "## W&B runs", "", *_wandb_lines(jobs), ""]
     path = sweep_dir / REPORT
-    tmp = temp_path(path)
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    write_bytes(path, "\n".join(lines).encode())
     return path
 
 
@@ -202,16 +201,13 @@ def _write_csv(jobs: list[JobResult], path: Path) -> None:
         }
         - {"layer"}
     )
-    tmp = temp_path(path)
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["job", "dir", "layer", *keys])
-        for job in jobs:
-            for row in job.metrics["layers"]:  # type: ignore[index]
-                writer.writerow(
-                    [job.label, job.dir.name, row["layer"], *[row.get(k) for k in keys]]
-                )
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["job", "dir", "layer", *keys])
+    for job in jobs:
+        for row in job.metrics["layers"]:  # type: ignore[index]
+            writer.writerow([job.label, job.dir.name, row["layer"], *[row.get(k) for k in keys]])
+    write_bytes(path, text.getvalue().encode())
 
 
 def _wandb_lines(jobs: list[JobResult]) -> list[str]:

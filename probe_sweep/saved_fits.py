@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import typing
 from collections.abc import Callable
 from enum import Enum
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from probe_sweep.files import temp_path
+from probe_sweep.files import write_bytes
 from probe_sweep.jobdir import FIT_SUFFIX, FITS, discard_fits
 from probe_sweep.probes import FitResult
 
@@ -144,9 +143,7 @@ def save_fit(path: Path, value: Any) -> None:
     # Own, contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     cpu = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     metadata["checksum"] = _checksum(metadata, cpu)
-    tmp = temp_path(path)
-    save_file(cpu, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_bytes(path, save(cpu, metadata=metadata))
 
 
 def load_fit(path: Path, kind: type[T], device: torch.device | str = "cpu") -> T:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,38 @@ def wait_for_line(
     else:
         why = f"the child exited before printing {expected!r}"
     raise AssertionError(why + ":\n" + "".join(seen))
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mount tmpfs file systems of a given size, ``mount(size)``, read-only with
+    ``mount(size, read_only=True)`` (root only); skip, saying why, where refused
+    (``remount_read_only`` turns one read-only after files were put there)."""
+    mounted: list[Path] = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except OSError as exc:
+            proc = subprocess.CompletedProcess(cmd, 1, "", str(exc))
+        if proc.returncode != 0:
+            reason = f"cannot mount a {size} tmpfs: {proc.stderr.strip() or proc.returncode}"
+            print(reason)
+            pytest.skip(reason)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def remount_read_only(where: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, timeout=30)
 
 
 @pytest.fixture(scope="module")

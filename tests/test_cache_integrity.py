@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -188,31 +188,6 @@ def test_float16_overflow_is_refused_with_the_fix(tiny, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="beyond float16's range.*activations.dtype=float32"):
         extract(poisoned(model, huge), corpus, [0], cfg, CPU)
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """Mount tmpfs file systems of a given size (root only); skip, saying why, where refused."""
-    mounted: list[Path] = []
-
-    def mount(size: str) -> Path:
-        where = tmp_path / f"fs{len(mounted)}"
-        where.mkdir()
-        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        except OSError as exc:
-            proc = subprocess.CompletedProcess(cmd, 1, "", str(exc))
-        if proc.returncode != 0:
-            reason = f"cannot mount a {size} tmpfs: {proc.stderr.strip() or proc.returncode}"
-            print(reason)
-            pytest.skip(reason)
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
 @pytest.mark.e2e

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import probe_sweep.__main__  # noqa: F401  (registers the schema and the presets' resolver)
+import probe_sweep.cli  # noqa: F401  (registers the schema and the presets' resolver)
 from tests.conftest import CONF, run_cli, subprocess_timeout
 from tests.test_slurm import FAST as SLURM_FAST
 

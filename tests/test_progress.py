@@ -69,7 +69,7 @@ def test_library_bars_are_turned_off_only_off_a_terminal(monkeypatch: pytest.Mon
     import huggingface_hub.utils
     import transformers.utils.logging
 
-    from probe_sweep.__main__ import progress_bars_on_terminal_only
+    from probe_sweep.cli import progress_bars_on_terminal_only
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     try:
