@@ -103,41 +103,6 @@ class FitResult:
     map_weight: torch.Tensor | None = None
     path: list[dict[str, float]] = field(default_factory=list)
 
-    def check(self) -> None:
-        """Raise ValueError unless the fields are what a fit produces: consistent shapes, finite
-        numbers (a bias may be -inf: a class no training row carries), a positive scale, and
-        records of JSON scalars. A fit read back from disk is checked before use."""
-        weight, bias, mean = self.probe.weight, self.probe.bias, self.probe.mean
-        scale = float(self.probe.scale)
-        if weight.ndim != 2 or bias.shape != weight.shape[:1] or mean.shape != weight.shape[1:]:
-            raise ValueError(
-                f"inconsistent shapes: weight {tuple(weight.shape)}, bias {tuple(bias.shape)}, "
-                f"mean {tuple(mean.shape)}"
-            )
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale {scale} is not a positive finite number")
-        finite_bias = bool((torch.isfinite(bias) | (bias == -math.inf)).all())
-        if not (bool(torch.isfinite(weight).all() and torch.isfinite(mean).all()) and finite_bias):
-            raise ValueError("the probe holds NaN or infinite values")
-        if self.map_weight is not None and not (
-            self.map_weight.ndim == 2
-            and self.map_weight.shape[0] == weight.shape[1]
-            and bool(torch.isfinite(self.map_weight).all())
-        ):
-            raise ValueError("map_weight is not a finite (d x k) matrix")
-        records = [self.convergence, *self.history, *self.path]
-        if not isinstance(self.history, list) or not isinstance(self.path, list):
-            raise ValueError("history and path must be lists of records")
-        for record in records:
-            if not isinstance(record, dict) or not all(_json_scalar(v) for v in record.values()):
-                raise ValueError(f"a record is not a map of finite JSON scalars: {record!r:.80}")
-
-
-def _json_scalar(value: object) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return value is None or isinstance(value, str | int | bool)
-
 
 def class_index(classes: np.ndarray, vocab_size: int) -> np.ndarray:
     """Lookup from token id to class position; -1 for types outside ``classes``."""

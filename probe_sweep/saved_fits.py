@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import typing
 from collections.abc import Callable
 from enum import Enum
@@ -149,7 +150,7 @@ def save_fit(path: Path, value: Any) -> None:
 def load_fit(path: Path, kind: type[T], device: torch.device | str = "cpu") -> T:
     """Read back what ``save_fit`` wrote for a ``kind`` dataclass; raises on any mismatch (too
     large, not a safetensors file, a checksum that does not match, another type, a field or
-    tensor missing or left over, or values the kind's ``check()`` refuses)."""
+    tensor missing or left over, or a fit ``check_fit`` refuses)."""
     size = path.stat().st_size
     if size > MAX_FIT_BYTES:
         raise ValueError(f"{size} bytes, more than a saved fit may take ({MAX_FIT_BYTES})")
@@ -184,9 +185,44 @@ def load_fit(path: Path, kind: type[T], device: torch.device | str = "cpu") -> T
     if tensors or plain:
         raise ValueError(f"unknown entries {sorted([*tensors, *plain])}")
     value = kind(**values)
-    if hasattr(value, "check"):
-        value.check()
+    if isinstance(value, FitResult):
+        check_fit(value)
     return value
+
+
+def check_fit(fit: FitResult) -> None:
+    """Raise ValueError unless ``fit``'s fields are what a fit produces: consistent shapes, finite
+    numbers (a bias may be -inf: a class no training row carries), a positive scale, and
+    records of JSON scalars. A fit read back from disk is checked before use."""
+    weight, bias, mean = fit.probe.weight, fit.probe.bias, fit.probe.mean
+    scale = float(fit.probe.scale)
+    if weight.ndim != 2 or bias.shape != weight.shape[:1] or mean.shape != weight.shape[1:]:
+        raise ValueError(
+            f"inconsistent shapes: weight {tuple(weight.shape)}, bias {tuple(bias.shape)}, "
+            f"mean {tuple(mean.shape)}"
+        )
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale {scale} is not a positive finite number")
+    finite_bias = bool((torch.isfinite(bias) | (bias == -math.inf)).all())
+    if not (bool(torch.isfinite(weight).all() and torch.isfinite(mean).all()) and finite_bias):
+        raise ValueError("the probe holds NaN or infinite values")
+    if fit.map_weight is not None and not (
+        fit.map_weight.ndim == 2
+        and fit.map_weight.shape[0] == weight.shape[1]
+        and bool(torch.isfinite(fit.map_weight).all())
+    ):
+        raise ValueError("map_weight is not a finite (d x k) matrix")
+    if not isinstance(fit.history, list) or not isinstance(fit.path, list):
+        raise ValueError("history and path must be lists of records")
+    for record in [fit.convergence, *fit.history, *fit.path]:
+        if not isinstance(record, dict) or not all(_json_scalar(v) for v in record.values()):
+            raise ValueError(f"a record is not a map of finite JSON scalars: {record!r:.80}")
+
+
+def _json_scalar(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, str | int | bool)
 
 
 def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:

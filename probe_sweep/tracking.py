@@ -20,10 +20,13 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from probe_sweep import jobdir
 from probe_sweep.files import write_json
@@ -292,15 +295,21 @@ def _log_run(
 ) -> dict[str, Any]:
     """One run, started, filled and finished (exit code 1 if filling it failed); where it went."""
     wandb = _wandb()
+    root = run_root(cfg, job.out_dir)
+    run_id = job_run_id(job, identity)
+    if mode == "offline":
+        drop_earlier_offline_runs(root / "wandb", run_id, job.out_dir)
     run = wandb.init(
         project=cfg.project,
         entity=cfg.entity,
+        id=run_id,
+        resume="allow",
         group=identity["group"],
         job_type=identity["job_type"],
         tags=identity["tags"],
         name=identity["name"],
         config={**resolved, "job": _job_config(job, metrics, identity)},
-        dir=str(run_root(cfg, job.out_dir)),
+        dir=str(root),
         mode=mode,  # type: ignore[arg-type]
         reinit="finish_previous",
         settings=wandb.Settings(init_timeout=cfg.init_timeout, quiet=True, console="off"),
@@ -323,6 +332,35 @@ def _log_run(
     finally:
         run.finish(exit_code=0 if ok else 1)
     return info
+
+
+def job_run_id(job: JobInfo, identity: dict[str, Any]) -> str:
+    """One W&B run per job: an id from the job dir and its config, the same on every rerun of
+    the job (a rerun logs into the same run instead of beside it)."""
+    where = str(job.out_dir.resolve())
+    return xxhash.xxh3_64_hexdigest(f"{where}|{identity['config_hash']}".encode())
+
+
+def drop_earlier_offline_runs(wandb_dir: Path, run_id: str, out_dir: Path) -> None:
+    """Delete the offline run files an earlier attempt of this job left (finished, or killed
+    while logging), and those of the run ``wandb_run.json`` names when the job dir's results
+    were replaced since: ``wandb sync`` then uploads one run per job."""
+    stale = list(wandb_dir.glob(f"offline-run-*-{run_id}"))
+    try:
+        earlier = json.loads((out_dir / jobdir.WANDB_RUN).read_text())
+        recorded = Path(earlier["run_dir"]) if earlier.get("mode") == "offline" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if (
+        recorded is not None
+        and recorded.parent == wandb_dir
+        and recorded.name.startswith("offline-run-")
+    ):
+        stale.append(recorded)
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("Removed the earlier offline W&B run of this job, %s", path)
 
 
 def _job_config(job: JobInfo, metrics: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:

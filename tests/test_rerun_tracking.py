@@ -90,3 +90,28 @@ def test_a_rerun_tracks_a_complete_job_that_was_killed_before_tracking(tmp_path:
     again = run_cli(args, cwd=tmp_path)
     assert "Tracked the results in" not in again.stdout + again.stderr
     assert len(run_files(wandb_root)) == 1
+
+
+@pytest.mark.e2e
+def test_a_job_run_again_is_one_offline_run_not_two(tmp_path: Path) -> None:
+    """Rerunning a finished single job wrote a second complete offline run beside the first,
+    and a kill while logging left an orphan: ``wandb sync`` uploaded both. One job dir is one
+    run, resumed by its id; the run files of earlier attempts are replaced."""
+    wandb_root = Path(os.environ["WANDB_DIR"])  # offline mode (conftest)
+    args = [*TINY, "statistics.enabled=false", "hydra.run.dir=out"]
+    run_cli(args, tmp_path)
+    first = json.loads((tmp_path / "out" / jobdir.WANDB_RUN).read_text())
+    (orphan,) = run_files(wandb_root)
+    killed = orphan.parent.with_name(orphan.parent.name.replace("offline-run-2", "offline-run-1"))
+    shutil.copytree(orphan.parent, killed)  # as an attempt killed while logging leaves it
+
+    run_cli(args, tmp_path)
+    again = json.loads((tmp_path / "out" / jobdir.WANDB_RUN).read_text())
+    assert again["id"] == first["id"]
+    (path,) = run_files(wandb_root)
+    assert read_run(path).run.run_id == first["id"] and read_run(path).exit_code == 0
+
+    run_cli([*args, "seed=1"], tmp_path)  # other results in the same dir: their own run
+    other = json.loads((tmp_path / "out" / jobdir.WANDB_RUN).read_text())
+    (path,) = run_files(wandb_root)
+    assert other["id"] != first["id"] and read_run(path).run.run_id == other["id"]
