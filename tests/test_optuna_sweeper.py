@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -26,7 +27,7 @@ from tests.wandb_reader import read_run, run_files
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 
 APP = """
-import math, os, shutil
+import math, os, shutil, time
 from pathlib import Path
 
 import hydra
@@ -42,14 +43,22 @@ def main(cfg) -> float:
     (out / ".fits").mkdir(exist_ok=True)  # as a probe job saves its fitted probes
     if cfg.kill_at is not None and cfg.tuning.trial_number == cfg.kill_at:
         os._exit(3)  # the whole sweep dies mid-trial (the basic launcher runs it in-process)
+    time.sleep(cfg.sleep)
     report = trial_reporter(TuningConfig(**cfg.tuning))
     loss = (math.log10(cfg.x) + 3.0) ** 2
     for step in range(3):
         report(step, {"layer": step, "val_nll": loss})
-    rows = [{"layer": step, "val_nll": loss} for step in range(3)]
-    sections = dict.fromkeys(("model", "probe", "counts", "cache", "timing_s", "fits"), {})
-    sections.update(statistics={}, resources={}, job={}, config={})
-    write_metrics(out, JobMetrics(layers=rows, ridge_path=None, **sections))
+    score = {"probe": "toy", "top1": 0.5, "top5": 0.5, "nll": loss, "n_test": 1, "val_top1": 0.5}
+    rows = [{"layer": step, "val_nll": loss, **score} for step in range(3)]
+    sections = dict.fromkeys(("counts", "timing_s", "fits", "statistics", "resources", "config"))
+    sections = {name: {} for name in sections}
+    model = {"name": "toy", "n_layers": 2, "d_model": 1, "vocab_size": 1}
+    probe = {"kind": "toy", "layers": "each", "basis": "natural", "reg": "l2", "strength": cfg.x,
+             "classes": "seen", "n_classes": 1, "target_offset": 0, "tol": 1e-6,
+             "all_converged": True}
+    cache, job = {"key": "toy", "path": "toy", "reused": False}, {"key": "toy", "overrides": []}
+    write_metrics(out, JobMetrics(model=model, probe=probe, cache=cache, job=job, layers=rows,
+                                  ridge_path=None, **sections))
     shutil.rmtree(out / ".fits")  # as a job does once its results are written
     return loss
 
@@ -64,6 +73,7 @@ defaults:
   - _self_
 x: 1.0
 kill_at: null
+sleep: 0
 tuning: {objective: val_nll, layer: null, study: null, storage: null, trial_id: null,
          trial_number: null}
 tracker: {mode: disabled}
@@ -274,3 +284,41 @@ def test_a_resumed_study_logs_to_its_one_wandb_run(tmp_path: Path) -> None:
     assert len(runs) == 2
     best = json.loads(next((root / "sweep").glob("*/best.json")).read_text())
     assert {r.run.run_id for r in runs} == {best["wandb_run_id"]}
+
+
+@pytest.mark.e2e
+def test_two_sweepers_share_one_journal_study(tmp_path: Path) -> None:
+    """The same command started twice on one study (two users, two SLURM allocations): the
+    second used to fail the first's running trial, and the first then crashed with
+    UpdateFinishedTrialError. Each now runs trials of its own until the study has n_trials."""
+    root = toy_app(tmp_path)
+    args = ["hydra.sweeper.storage=journal", "hydra.sweeper.n_trials=4", "sleep=4"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = []
+    for _ in range(2):
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "app.py", "-m", *args],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+        time.sleep(2)  # the second starts while the first's first trial runs
+    outputs = [p.communicate(timeout=subprocess_timeout())[0] for p in procs]
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-4000:]
+        assert "left running by an earlier run" not in output, output[-4000:]
+    assert "running in other sweepers" in outputs[1]
+    trials = trials_of(open_storage(f"journal:{root / 'sweep' / 'optuna.journal'}"))
+    states = [t.state.name for t in trials]
+    assert "FAIL" not in states and "RUNNING" not in states, states
+    # n_trials, or one more where both asked at the same moment
+    assert 4 <= states.count("COMPLETE") <= 5, states
+    owners = {t.user_attrs["sweeper"] for t in trials}
+    assert len(owners) == 2, "one sweeper ran every trial"
+    for trial in trials:
+        (job_dir,) = root.glob(f"sweep/*/trial_{trial.number}")
+        assert (job_dir / "metrics.json").is_file()

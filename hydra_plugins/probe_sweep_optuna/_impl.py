@@ -2,9 +2,10 @@
 the storage, one study per grid point, and each trial's outcome told to its study and left in its
 directory.
 
-A study resumes when the same command runs again: trials its last run left running (the sweep
-was killed) are failed, the sampler is seeded afresh from the trials already in the study, and
-trials are asked for until ``n_trials`` are complete or pruned.
+A study resumes when the same command runs again: trials a sweeper that is gone left running
+(it was killed) are failed, the sampler is seeded afresh from the trials already in the study,
+and trials are asked for until ``n_trials`` are complete, pruned or running in other sweepers
+(several may work on one study: ``_owner.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from probe_sweep.jobdir import PRUNED, discard_fits
 from probe_sweep.tracking import TrackerConfig, track_study
 from probe_sweep.tuning import JOURNAL, PRUNER_ATTR, make_pruner, open_storage, quote_override
 
+from ._owner import Sweeper
 from ._space import distribution, override_value, sampler_seed
 from ._storage import BASIC_LAUNCHER, choose_storage
 from ._summary import ridge_path_of, write_summary
@@ -78,7 +80,6 @@ class OptunaSweeperImpl:
         self.storage, self.study_name = storage, study_name
         self.sampler_conf, self.pruner_conf = sampler, pruner
         self.params = dict(params or {})
-        self.job_idx = 0
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -167,42 +168,39 @@ class OptunaSweeperImpl:
         )
         # The jobs' trials ask the pruner configured now (a resume may change it).
         study.set_user_attr(PRUNER_ATTR, self.pruner_settings())
-        self.fail_stale(study)
-        existing = len(study.get_trials(deepcopy=False))
-        seed = sampler_seed(self.sampler_conf.seed, existing)
-        study.sampler = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=self.sampler_conf.n_startup_trials
-        )
-        finished = (TrialState.COMPLETE, TrialState.PRUNED)
-        done = len(study.get_trials(deepcopy=False, states=finished))
-        log.info(
-            "Study %s: %d of %d trials done (%d in storage; sampler seed %s)",
-            name,
-            done,
-            self.n_trials,
-            existing,
-            seed,
-        )
-        returns: list[JobReturn] = []
-        while done < self.n_trials:
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
-            batch = [
-                [
-                    *base,
-                    *(f"{k}={override_value(v)}" for k, v in trial.params.items()),
-                    f"tuning.study={name}",
-                    f"tuning.storage={quote_override(self.store.url)}",
-                    f"tuning.trial_id={trial._trial_id}",
-                    f"tuning.trial_number={trial.number}",
-                ]
-                for trial in trials
-            ]
-            results = self.launcher.launch(batch, initial_job_idx=self.job_idx)
-            self.job_idx += len(batch)
-            for trial, result in zip(trials, results, strict=True):
-                self.tell(study, trial, result)
-            done += len(trials)
-            returns += results
+        with Sweeper(study) as worker:
+            self.fail_stale(study, worker)
+            existing = len(study.get_trials(deepcopy=False))
+            seed = sampler_seed(self.sampler_conf.seed, existing)
+            study.sampler = optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=self.sampler_conf.n_startup_trials
+            )
+            log.info(
+                "Study %s: %d of %d trials done (%d in storage, %d running in other sweepers; "
+                "sampler seed %s)",
+                *(name, self.finished(study), self.n_trials, existing),
+                *(len(worker.running_elsewhere()), seed),
+            )
+            returns: list[JobReturn] = []
+            while (room := self.n_trials - self.taken(study, worker)) > 0:
+                trials = [worker.ask(space) for _ in range(min(self.n_jobs, room))]
+                for group in consecutive(trials):
+                    batch = [
+                        [
+                            *base,
+                            *(f"{k}={override_value(v)}" for k, v in trial.params.items()),
+                            f"tuning.study={name}",
+                            f"tuning.storage={quote_override(self.store.url)}",
+                            f"tuning.trial_id={trial._trial_id}",
+                            f"tuning.trial_number={trial.number}",
+                        ]
+                        for trial in group
+                    ]
+                    # Job numbers are trial numbers: unique across sweepers of one study.
+                    results = self.launcher.launch(batch, initial_job_idx=group[0].number)
+                    for trial, result in zip(group, results, strict=True):
+                        self.tell(study, trial, result)
+                    returns += results
         tracker = tracker_config(self.config)
         extra = {WANDB_RUN_ATTR: self.wandb_run_id(study)} if tracker is not None else {}
         summary = write_summary(study, self.sweep_dir / name, ridge_path_of(returns), extra)
@@ -222,10 +220,20 @@ class OptunaSweeperImpl:
             study.set_user_attr(WANDB_RUN_ATTR, run_id)
         return str(run_id)
 
-    def fail_stale(self, study: optuna.Study) -> None:
-        """Fail the trials an earlier run left running (it was killed) and drop the probes
-        their jobs saved for resuming: a failed trial is never run again."""
-        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    @staticmethod
+    def finished(study: optuna.Study) -> int:
+        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    def taken(self, study: optuna.Study, worker: Sweeper) -> int:
+        """Trials that count towards ``n_trials``: finished, or running in other sweepers."""
+        return self.finished(study) + len(worker.running_elsewhere())
+
+    def fail_stale(self, study: optuna.Study, worker: Sweeper) -> None:
+        """Fail the trials a sweeper that is gone left running (it was killed) and drop the
+        probes their jobs saved for resuming: a failed trial is never run again. Trials of
+        sweepers still at work on the study are theirs."""
+        stale = worker.abandoned()
         if not stale:
             return
         dirs = trial_dirs(self.sweep_dir, study.study_name)
@@ -252,10 +260,10 @@ class OptunaSweeperImpl:
             and isinstance(value, float)
             and math.isfinite(value)
         ):
-            study.tell(trial, value)
+            study.tell(trial, value, skip_if_finished=True)
             return
         if isinstance(value, optuna.TrialPruned):
-            study.tell(trial, state=TrialState.PRUNED)
+            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
             log.info("Trial %d pruned%s: %s", trial.number, where, value)
             if job_dir is not None:
                 (frozen,) = [
@@ -263,10 +271,22 @@ class OptunaSweeperImpl:
                 ]
                 write_json(job_dir / PRUNED, pruned_record(study.study_name, frozen, str(value)))
         else:
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             log.warning("Trial %d failed%s: %s", trial.number, where, value)
         if job_dir is not None:
             discard_fits(job_dir)
+
+
+def consecutive(trials: list[optuna.Trial]) -> list[list[optuna.Trial]]:
+    """``trials`` cut where their numbers skip (another sweeper took the numbers between): a
+    launch numbers its jobs consecutively."""
+    groups: list[list[optuna.Trial]] = []
+    for trial in trials:
+        if groups and trial.number == groups[-1][-1].number + 1:
+            groups[-1].append(trial)
+        else:
+            groups.append([trial])
+    return groups
 
 
 def job_dir_of(result: JobReturn) -> Path | None:
