@@ -92,6 +92,7 @@ def skip_finished(
     job that wrote them was killed before its tracker ran, and return their objective."""
     out_dir = Path(hydra_cfg.runtime.output_dir)
     log.info("Skipped: complete results for this config in %s (redo=true reruns)", done)
+    jobdir.discard_fits(done)  # left by a kill between its metrics.json and their removal
     jobdir.note_skipped(out_dir, done, key)
     if config.tracker.mode.value != "disabled" and not jobdir.is_tracked(done, key):
         job = dataclasses.replace(tracking.JobInfo.from_hydra(hydra_cfg), out_dir=done)

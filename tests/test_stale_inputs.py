@@ -55,6 +55,14 @@ def test_a_local_model_retrained_in_place_is_extracted_again(
     assert again.reused and again.path == after.path, "unchanged weights reuse the entry"
 
 
+def finished(sweep: Path) -> dict[str, dict]:
+    """Each job's metrics.json by its dir (a path in an override nests the job dir)."""
+    return {
+        str(p.parent.relative_to(sweep)): json.loads(p.read_text())
+        for p in sweep.rglob("metrics.json")
+    }
+
+
 @pytest.mark.e2e
 def test_a_text_file_edited_in_place_reruns_its_finished_job(tmp_path: Path) -> None:
     text = tmp_path / "book.txt"
@@ -74,7 +82,7 @@ def test_a_text_file_edited_in_place_reruns_its_finished_job(tmp_path: Path) -> 
         f"hydra.sweep.dir={sweep}",
     ]
     run_cli(args, tmp_path)
-    first = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    first = finished(sweep)
     assert len(first) == 2
 
     edited = text.read_text().replace("fox", "cat").replace("dog", "owl")
@@ -83,11 +91,16 @@ def test_a_text_file_edited_in_place_reruns_its_finished_job(tmp_path: Path) -> 
     os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     proc = run_cli(args, tmp_path)
     assert "Skipped: complete results" not in proc.stdout + proc.stderr
-    second = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
-    assert second.keys() == first.keys() and not list(sweep.glob("*/skipped.json"))
+    second = finished(sweep)
+    assert second.keys() == first.keys() and not list(sweep.rglob("skipped.json"))
     for name in first:
         assert second[name]["job"]["key"] != first[name]["job"]["key"], name
         assert second[name]["cache"]["key"] != first[name]["cache"]["key"], name
 
+    # A kill between a job's metrics.json and the removal of its saved probes leaves them.
+    leftover = next(iter(sweep.rglob("metrics.json"))).parent / ".fits"
+    leftover.mkdir()
+    (leftover / "layer_0.safetensors").write_bytes(b"x")
     proc = run_cli(args, tmp_path)  # unchanged since: both jobs are skipped
     assert (proc.stdout + proc.stderr).count("Skipped: complete results") == 2
+    assert not leftover.exists(), "a finished job kept its saved probes"
