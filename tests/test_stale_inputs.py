@@ -104,3 +104,30 @@ def test_a_text_file_edited_in_place_reruns_its_finished_job(tmp_path: Path) -> 
     proc = run_cli(args, tmp_path)  # unchanged since: both jobs are skipped
     assert (proc.stdout + proc.stderr).count("Skipped: complete results") == 2
     assert not leftover.exists(), "a finished job kept its saved probes"
+
+
+def test_a_jobs_key_follows_its_model_dir_and_text_files(tmp_path: Path) -> None:
+    """The job key's inputs: the model dir's files and the corpus files, by content (a copy
+    that keeps modification times still changes them; touching a file does not)."""
+    from probe_sweep import jobdir
+    from probe_sweep.fingerprints import job_inputs
+
+    model_dir, text = tmp_path / "model", tmp_path / "book.txt"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"\x01" * 64)
+    (model_dir / "config.json").write_text("{}")
+    text.write_text("some text")
+    resolved = {"seed": 0}
+    key = jobdir.job_key(resolved, inputs=job_inputs(str(model_dir), [str(text)]))
+    assert key != jobdir.job_key(resolved), "the inputs are part of the key"
+    os.utime(model_dir / "config.json")  # touched, unchanged
+    assert jobdir.job_key(resolved, inputs=job_inputs(str(model_dir), [str(text)])) == key
+
+    stat = (model_dir / "model.safetensors").stat()
+    (model_dir / "model.safetensors").write_bytes(b"\x02" * 64)
+    os.utime(model_dir / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = jobdir.job_key(resolved, inputs=job_inputs(str(model_dir), [str(text)]))
+    assert changed != key
+    text.write_text("some test")
+    assert jobdir.job_key(resolved, inputs=job_inputs(str(model_dir), [str(text)])) != changed
+    assert job_inputs("gpt2", []) == {}, "a hub id has no local files to digest"
