@@ -113,18 +113,9 @@ class Basis:
         if self.importance is None:
             self.importance = torch.ones(self.directions.shape[1])
 
-    @property
-    def size(self) -> int:
-        return int(self.directions.shape[1])
-
     def coordinates(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.encoder is not None
         return hidden @ self.encoder.to(hidden.device, hidden.dtype)
-
-    def to_natural(self, weight: torch.Tensor) -> torch.Tensor:
-        """A probe weight (C, k) read in this basis as the weight (C, d) it applies to h."""
-        assert self.encoder is not None
-        return weight @ self.encoder.to(weight.device, weight.dtype).T
 
 
 def check_basis_config(cfg: BasisConfig, d_model: int) -> None:

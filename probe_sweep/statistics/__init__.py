@@ -28,25 +28,26 @@ __all__ = ["JobProbes", "LensInputs", "ProbeSet", "StatisticsConfig", "job_stati
 
 @dataclass
 class StatisticsConfig:
-    """``n_permutations``: draws per null. ``n_bootstrap``: resamples of held-out sequences for
-    accuracy intervals; ``n_bootstrap_types``: resamples of token types for the intervals of
-    statistics of the probe matrix. ``subspace_dim``: 0 = CKA / Procrustes at full dimension,
-    k = on the top k principal components. ``random_init_baseline``: also fit the probes of the
-    same architecture with random weights, the baseline every similarity is read against.
-    ``control_task``: the Hewitt & Liang control probe (selectivity, weight-mass baseline).
-    ``logit_lens``: logit-lens and unlikely-token read-outs (models with an unembedding).
-    ``lens_rows``: held-out positions they use. ``unlikely_k``: tokens per set. ``lens_probe``:
-    also train a probe on the logit-lens log-probabilities (the model's own guess).
-    ``k_sweep``: numbers of directions k at which top-k, bottom-k and random-k probes are
-    fitted (accuracy against k; empty = off), with ``k_seeds`` random draws each.
+    """``n_permutations``: draws per null, whatever it draws (pairing permutations, random
+    subspaces of the same kind, random token sets). ``n_bootstrap``: resamples of held-out
+    sequences for accuracy intervals; ``n_bootstrap_types``: resamples of token types for the
+    intervals of statistics of the probe matrix. ``subspace_dim``: 0 = CKA / Procrustes at full
+    dimension, k = on the top k principal components. ``random_init_baseline``: also fit the
+    probes of the same architecture with random weights, the baseline every similarity is read
+    against. ``control_task``: the Hewitt & Liang control probe (selectivity, weight-mass
+    baseline). ``logit_lens``: logit-lens and unlikely-token read-outs (models with an
+    unembedding). ``lens_rows``: held-out positions they use. ``unlikely_k``: tokens per set.
+    ``lens_probe``: also train a probe on the logit-lens log-probabilities (the model's own
+    guess). ``k_sweep``: numbers of directions k at which top-k, bottom-k and random-k probes
+    are fitted (accuracy against k; empty = off), with ``k_seeds`` random draws each.
     ``lens_comparison``: per layer, the logit lens's and a tuned lens's top-1 for the current
     and the next token beside the identity probe (models with an unembedding); each tuned-lens
-    translator is fitted on ``lens_train_rows`` training positions.
-    ``mdl``: the online code length (MDL, Voita & Titov 2020) of the input token and of the
-    control task at each layer, in bits, with the compression against the uniform code.
-    ``max_classes``: statistics of the probe matrix use at most this many classes, a seeded
-    subsample shared by the probe and its baselines (0 = all; a 50,257 x 1,600 probe makes each
-    null draw cost seconds), reported in ``statistics.classes``."""
+    translator is fitted on ``lens_train_rows`` training positions. ``mdl``: the online code
+    length (MDL, Voita & Titov 2020) of the input token and of the control task at each layer,
+    in bits, with the compression against the uniform code. ``max_classes``: statistics of the
+    probe matrix use at most this many classes, a seeded subsample shared by the probe and its
+    baselines (0 = all; a 50,257 x 1,600 probe makes each null draw cost seconds), reported in
+    ``statistics.classes``."""
 
     enabled: bool = True
     n_permutations: int = 200
