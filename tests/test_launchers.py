@@ -85,7 +85,7 @@ def test_a_failing_job_leaves_the_others_complete_and_a_rerun_skips_finished_job
     assert sorted(dirs) == ["-1", "0", "0.001"], first.stdout
     failed = json.loads((dirs["-1"] / "failed.json").read_text())
     assert failed["type"] == "UserError"
-    assert failed["error"] == "reg.strength=-1.0 is negative; use a value >= 0"
+    assert failed["error"] == "reg.strength=-1.0 is out of range; use a value >= 0"
     assert "reg.strength=-1" in failed["overrides"]
     assert not (dirs["-1"] / "metrics.json").exists()
     complete = {}
