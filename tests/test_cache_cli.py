@@ -158,6 +158,7 @@ def test_prune_removes_what_was_not_used_lately(tiny, tmp_path: Path) -> None:
     assert "freed" in proc.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("days", ["nan", "inf", "-1", "-inf", "soon"])
 def test_prune_refuses_a_number_of_days_that_is_not_one(tiny, tmp_path: Path, days: str) -> None:
     """``--older-than nan`` compared false with every entry's age and removed them all."""
@@ -171,6 +172,7 @@ def test_prune_refuses_a_number_of_days_that_is_not_one(tiny, tmp_path: Path, da
     assert store.path.is_dir() and (store.path / "layer_0.npy").is_file()
 
 
+@pytest.mark.e2e
 def test_an_entry_removed_while_a_job_reads_it_stays_readable(tiny, tmp_path: Path) -> None:
     """``cache remove`` (or ``prune --older-than 0``) during a fit crashed the job with
     FileNotFoundError; the job maps its layers when it opens the entry and reads on."""
@@ -189,6 +191,7 @@ def test_an_entry_removed_while_a_job_reads_it_stays_readable(tiny, tmp_path: Pa
     assert not again.reused and np.array_equal(again.layer(0), first)
 
 
+@pytest.mark.e2e
 def test_list_marks_a_damaged_entry_and_verify_reads_checksums(tiny, tmp_path: Path) -> None:
     model, corpus = tiny
     cfg = ActivationsConfig(cache_dir=str(tmp_path / "cache"))
@@ -207,6 +210,7 @@ def test_list_marks_a_damaged_entry_and_verify_reads_checksums(tiny, tmp_path: P
     assert "DAMAGED" in lines[truncated.path.name] and "DAMAGED" not in lines[good.path.name]
 
 
+@pytest.mark.e2e
 def test_remove_and_prune_take_a_symlinked_entry_as_a_link(tiny, tmp_path: Path) -> None:
     """``remove`` reported success and left a renamed link; ``prune`` stopped at the first
     link ("Cannot call rmtree on a symbolic link")."""

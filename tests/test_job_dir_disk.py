@@ -61,6 +61,7 @@ def test_a_read_only_job_dir_is_one_error_line(
     assert sweep.returncode == 2 and "with hydra.sweep.dir=<dir>" in sweep.stderr
 
 
+@pytest.mark.e2e
 def test_help_needs_no_writable_dir(tmp_path: Path, small_fs: Callable[..., Path]) -> None:
     disk = small_fs("1m", read_only=True)
     proc = run_cli(["--help"], disk)
@@ -102,6 +103,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path: Path, multirun: bool) -> No
             assert "nothing was run or written" in line, line
 
 
+@pytest.mark.e2e
 def test_the_entry_module_imports_nothing_heavy() -> None:
     """The SIGINT guard is only in place while cli.py's imports run: __main__ itself must load
     at once."""

@@ -406,7 +406,17 @@ def test_a_cli_job_is_one_real_offline_run_in_its_own_dir(
     (artifact,) = [a for a in real.artifacts if a.type == "probes"]
     assert artifact.name == info["artifact"]
 
+    # The reader tells a damaged file from a format it does not know.
+    damaged = tmp_path / "damaged.wandb"
+    shutil.copy(path, damaged)
+    data = bytearray(damaged.read_bytes())
+    data[200] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="CRC mismatch|truncated"):
+        read_records(damaged)
+
     # The same job through the fake records what wandb wrote (a chart's key gains "_table").
+    # (Tracking it again replaces the job's offline run files: one job, one run.)
     recorder = FakeWandb()
     monkeypatch.setattr(tracking, "_wandb", lambda: recorder)
     hydra_cfg = OmegaConf.load(out / ".hydra" / "hydra.yaml").hydra
@@ -426,11 +436,3 @@ def test_a_cli_job_is_one_real_offline_run_in_its_own_dir(
         json.dumps(recorded.artifacts[0].metadata)
     )
 
-    # The reader tells a damaged file from a format it does not know.
-    damaged = tmp_path / "damaged.wandb"
-    shutil.copy(path, damaged)
-    data = bytearray(damaged.read_bytes())
-    data[200] ^= 0xFF
-    damaged.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="CRC mismatch|truncated"):
-        read_records(damaged)
