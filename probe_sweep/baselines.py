@@ -85,14 +85,15 @@ def control_probes(
     rows; returns the control fits by the identity probe's name."""
     inputs, n_labels = scorer.inputs, config.statistics.control_labels
     labels = control_labels(config, inputs, vocab_size)
-    fits = {}
+    fits, previous = {}, None  # warm start: the control probe of the layer before
     for row in fitted.rows:
         layer, name = row["layer"], f"control_layer_{row['layer']}"
-        fit = checkpoint.get_or_fit(
+        fit = previous = checkpoint.get_or_fit(
             name,
-            lambda layer=layer: fit_softmax_probe(
+            lambda layer=layer, init=previous: fit_softmax_probe(
                 inputs(TRAIN, layer).with_labels(labels[TRAIN]), n_labels, config.reg,
-                config.probe, desc=f"layer {layer} control probe",
+                config.probe, None if init is None else init.probe,
+                desc=f"layer {layer} control probe",
             ),
             shape=(n_labels, inputs(TRAIN, layer).d),
         )  # fmt: skip

@@ -63,16 +63,20 @@ class ProbeTask:
     class_embeddings: torch.Tensor | None = None  # W_E rows of the classes: the ridge target
 
 
-def fit_probe(config: Config, task: ProbeTask, desc: str) -> FitResult:
-    """The configured probe at the configured strength. A softmax probe starts from the
-    input-blind probe: the previous layer's probe as a warm start made MiniLM's layer 6 slower
-    (BENCHMARKS.md, 2026-12-05), and the closed-form ridge probe had a higher objective."""
+def fit_probe(
+    config: Config, task: ProbeTask, desc: str, init: FitResult | None = None
+) -> FitResult:
+    """The configured probe at the configured strength. A softmax probe starts from ``init``
+    (the previous layer's probe) where that beats the input-blind start: faster over MiniLM's
+    default job, though slower at its last layer (BENCHMARKS.md, 2026-12-05). The closed-form
+    ridge probe, tried as a start, had a higher objective than zero."""
     if config.probe.kind is ProbeKind.ridge:
         assert task.class_embeddings is not None
         return fit_ridge_probe(
             task.train, task.class_embeddings, config.reg, task.val, config.probe.path_strengths
         )
-    return fit_softmax_probe(task.train, task.n_classes, config.reg, config.probe, desc=desc)
+    start = None if init is None else init.probe
+    return fit_softmax_probe(task.train, task.n_classes, config.reg, config.probe, start, desc)
 
 
 def log_fit(name: str, c: dict[str, Any]) -> None:
@@ -157,14 +161,17 @@ def fit_identity_probes(
         names = {layer: f"layer_{layer}" for layer in layers}
         train_layers = val_layers = {name: layer for layer, name in names.items()}
     fits: dict[str, FitResult] = {}
+    previous: FitResult | None = None  # the warm start: the layer before
     for name in dict.fromkeys(names.values()):
         task = ProbeTask(
             inputs(TRAIN, train_layers[name]), inputs(VAL, val_layers[name]), n_classes,
             class_embeddings,
         )  # fmt: skip
-        fits[name] = checkpoint.get_or_fit(
+        fits[name] = previous = checkpoint.get_or_fit(
             prefix + name,
-            lambda task=task, name=name: fit_probe(config, task, prefix + name),
+            lambda task=task, name=name, init=previous: fit_probe(
+                config, task, prefix + name, init
+            ),
             shape=(n_classes, task.train.d),
         )
         log_fit(prefix + name, fits[name].convergence)
