@@ -435,4 +435,3 @@ def test_a_cli_job_is_one_real_offline_run_in_its_own_dir(
     assert real.artifact_metadata(artifact) == json.loads(
         json.dumps(recorded.artifacts[0].metadata)
     )
-
