@@ -31,7 +31,6 @@ import xxhash
 from filelock import Timeout
 
 from probe_sweep.cache_entry import (
-    CHECKSUM,
     META,
     TMP_PREFIX,
     ActivationStore,
@@ -49,6 +48,7 @@ from probe_sweep.cache_entry import (
 )
 from probe_sweep.data import Corpus
 from probe_sweep.errors import UserError
+from probe_sweep.fingerprints import CHECKSUM
 from probe_sweep.model import LoadedModel, hidden_states
 from probe_sweep.progress import ExtractionProgress
 

@@ -30,16 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 from filelock import FileLock
 
 from probe_sweep.errors import UserError
+from probe_sweep.fingerprints import file_checksum
 
 log = logging.getLogger(__name__)
 META = "meta.json"
 LAST_USED = "last_used"
-CHECKSUM = "xxh3_128"
-CHUNK = 8 << 20  # bytes read at a time when verifying: memory stays flat whatever the entry size
 KEY_RE = re.compile(r"^[0-9a-f]{20}$")
 TMP_PREFIX = ".tmp-"
 CORRUPT = ".corrupt-"
@@ -119,17 +117,6 @@ def entry_nbytes(meta: dict[str, Any]) -> int:
     shape, dtype = (meta["n_rows"], meta["d_model"]), np.dtype(meta["dtype"])
     per_layer = len(npy_header(shape, dtype)) + shape[0] * shape[1] * dtype.itemsize
     return per_layer * len(meta["layers"])
-
-
-def file_checksum(path: Path) -> str:
-    """``xxh3_128:<hex>`` of a file, read in CHUNK-sized pieces into one reused buffer."""
-    digest = xxhash.xxh3_128()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return f"{CHECKSUM}:{digest.hexdigest()}"
 
 
 def read_meta(path: Path) -> dict[str, Any]:

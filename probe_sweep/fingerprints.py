@@ -6,6 +6,7 @@ computed before the change.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,31 +14,42 @@ from pathlib import Path
 import torch
 import xxhash
 
-BLOCK = 1 << 20
+CHECKSUM = "xxh3_128"
+CHUNK = 8 << 20  # bytes read at a time: memory stays flat whatever the file size
 
 
-def tensors_digest(module: torch.nn.Module) -> str:
-    """xxh3-128 of every parameter and buffer (name, dtype, shape and bytes): the weights the
-    model actually computes with, whatever file they came from."""
+def file_checksum(path: Path) -> str:
+    """``xxh3_128:<hex>`` of a file, read in CHUNK-sized pieces into one reused buffer."""
     digest = xxhash.xxh3_128()
-    for name, tensor in sorted(module.state_dict().items()):
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return f"{CHECKSUM}:{digest.hexdigest()}"
+
+
+def update_with_tensors(digest: xxhash.xxh3_128, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed each tensor's name, dtype, shape and bytes to ``digest``, in name order."""
+    for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if not tensor.is_meta:  # a model built for its shapes only has no bytes
             flat = tensor.detach().reshape(-1).contiguous().cpu()
             digest.update(flat.view(torch.uint8).numpy().tobytes())
+
+
+def tensors_digest(module: torch.nn.Module) -> str:
+    """xxh3-128 of every parameter and buffer: the weights the model actually computes with,
+    whatever file they came from."""
+    digest = xxhash.xxh3_128()
+    update_with_tensors(digest, module.state_dict())
     return digest.hexdigest()
 
 
 def files_digest(paths: Iterable[str | Path]) -> str:
-    """xxh3-128 of files' names and contents, in the given order."""
-    digest = xxhash.xxh3_128()
-    for path in paths:
-        digest.update(f"{Path(path).name}\x00".encode())
-        with open(Path(path).expanduser(), "rb") as f:
-            while block := f.read(BLOCK):
-                digest.update(block)
-        digest.update(b"\x00end-of-file\x00")
-    return digest.hexdigest()
+    """xxh3-128 of files' names and contents (each file's ``file_checksum``), in order."""
+    named = [[Path(p).name, file_checksum(Path(p).expanduser())] for p in paths]
+    return xxhash.xxh3_128(json.dumps(named).encode()).hexdigest()
 
 
 def directory_digest(path: str | Path) -> str:

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from probe_sweep.files import write_bytes
+from probe_sweep.fingerprints import update_with_tensors
 from probe_sweep.jobdir import FIT_SUFFIX, FITS, discard_fits
 from probe_sweep.probes import FitResult
 
@@ -231,10 +232,7 @@ def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str
     digest = xxhash.xxh3_128()
     fields = {k: v for k, v in metadata.items() if k != "checksum"}
     digest.update(json.dumps(fields, sort_keys=True).encode())
-    for name in sorted(tensors):
-        flat = tensors[name].detach().reshape(-1).contiguous().cpu()
-        digest.update(f"|{name}|{flat.dtype}|{tuple(tensors[name].shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    update_with_tensors(digest, tensors)
     return digest.hexdigest()
 
 

@@ -18,15 +18,9 @@ import pytest
 import torch
 
 from probe_sweep.activations import ActivationsConfig, extract
-from probe_sweep.cache_entry import (
-    CHUNK,
-    CacheDamaged,
-    CacheDtype,
-    check_entry,
-    file_checksum,
-    open_store,
-)
+from probe_sweep.cache_entry import CacheDamaged, CacheDtype, check_entry, open_store
 from probe_sweep.errors import UserError
+from probe_sweep.fingerprints import CHUNK, file_checksum
 from tests.conftest import TINY as TINY_ARGS
 from tests.conftest import run_cli, subprocess_timeout
 
