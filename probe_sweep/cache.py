@@ -212,13 +212,11 @@ def cmd_verify(root: Path, args: argparse.Namespace) -> int:
 def cmd_remove(root: Path, args: argparse.Namespace) -> int:
     item = find(root, args.key, ("entry", "quarantined", "temporary"))
     path = root / item.name
+    what = f"{path} ({human(item.size)})"
     if path.is_symlink():
-        target = os.readlink(path)
-        delete(root, item)
-        print(f"removed the symbolic link {path} (what it points to, {target}, is left alone)")
-        return 0
+        what = f"the symbolic link {path} (what it points to, {os.readlink(path)}, is left alone)"
     delete(root, item)
-    print(f"removed {path} ({human(item.size)})")
+    print(f"removed {what}")
     return 0
 
 

@@ -80,22 +80,19 @@ class Sweeper:
 
     def running_elsewhere(self) -> list[optuna.trial.FrozenTrial]:
         """Running trials of sweepers other than this one that are still alive."""
-        attrs = self.study.user_attrs
-        return [
-            t
-            for t in self._running()
-            if t.user_attrs.get(TRIAL_ATTR) != self.id
-            and record_is_alive(attrs.get(PREFIX + str(t.user_attrs.get(TRIAL_ATTR))))
-        ]
+        return self._others_running(alive=True)
 
     def abandoned(self) -> list[optuna.trial.FrozenTrial]:
         """Running trials whose sweeper is gone (killed, or stopped before they ended)."""
-        alive = {t.number for t in self.running_elsewhere()}
+        return self._others_running(alive=False)
+
+    def _others_running(self, alive: bool) -> list[optuna.trial.FrozenTrial]:
+        """Running trials of other sweepers, those whose sweeper is (or is not) alive."""
+        attrs = self.study.user_attrs
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         return [
             t
-            for t in self._running()
-            if t.number not in alive and t.user_attrs.get(TRIAL_ATTR) != self.id
+            for t in running
+            if (owner := t.user_attrs.get(TRIAL_ATTR)) != self.id
+            and record_is_alive(attrs.get(f"{PREFIX}{owner}")) == alive
         ]
-
-    def _running(self) -> list[optuna.trial.FrozenTrial]:
-        return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
