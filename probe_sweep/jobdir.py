@@ -37,6 +37,7 @@ FITS = ".fits"
 FIT_SUFFIX = ".safetensors"
 
 MAX_METRICS_BYTES = 1 << 30
+MAX_MARKER_BYTES = 1 << 20  # failed.json, skipped.json, tracked.json, wandb_run.json
 SCHEMA_VERSION = 2  # of metrics.json (README); part of every job's content key
 # The one list of config keys outside a job's identity (its content key, the W&B config hash, the
 # job dir's name): they change where, how fast or how a job is tracked and tuned, not its numbers.
@@ -273,6 +274,12 @@ def mark_tracked(job_dir: Path, key: str, run: dict[str, Any]) -> None:
     write_json(job_dir / TRACKED, {"key": key, "run": run})
 
 
+def read_marker(path: Path) -> Any:
+    """A marker file's JSON, read as untrusted: a regular file of at most
+    ``MAX_MARKER_BYTES`` (OSError when absent, ValueError when not such a file or not JSON)."""
+    return json.loads(read_regular(path, MAX_MARKER_BYTES))
+
+
 def is_tracked(job_dir: Path, key: str) -> bool:
     """Whether the tracker logged the complete results of job ``key`` in ``job_dir``.
 
@@ -281,7 +288,7 @@ def is_tracked(job_dir: Path, key: str) -> bool:
     a ``wandb_run.json`` newer than ``metrics.json`` counts: one written for results that were
     replaced since (a run killed before tracking, in a reused job dir) is older than them."""
     try:
-        marker = json.loads((job_dir / TRACKED).read_text())
+        marker = read_marker(job_dir / TRACKED)
     except FileNotFoundError:
         marker = None
     except (OSError, ValueError):

@@ -6,7 +6,6 @@ killed or still running), plus ``wandb_run.json`` when the tracker logged the jo
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from typing import Any
 
 import yaml
 
-from probe_sweep.files import read_regular
 from probe_sweep.jobdir import (
     FAILED,
     METRICS,
@@ -23,11 +21,11 @@ from probe_sweep.jobdir import (
     SKIPPED,
     WANDB_RUN,
     InvalidMetrics,
+    read_marker,
     read_metrics,
 )
 
 log = logging.getLogger("probe_sweep.report")
-MAX_MARKER_BYTES = 1 << 20  # failed.json, skipped.json, wandb_run.json
 
 
 @dataclass
@@ -47,7 +45,7 @@ class JobResult:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        value = json.loads(read_regular(path, MAX_MARKER_BYTES))
+        value = read_marker(path)
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None

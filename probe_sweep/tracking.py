@@ -347,7 +347,7 @@ def drop_earlier_offline_runs(wandb_dir: Path, run_id: str, out_dir: Path) -> No
     were replaced since: ``wandb sync`` then uploads one run per job."""
     stale = list(wandb_dir.glob(f"offline-run-*-{run_id}"))
     try:
-        earlier = json.loads((out_dir / jobdir.WANDB_RUN).read_text())
+        earlier = jobdir.read_marker(out_dir / jobdir.WANDB_RUN)
         recorded = Path(earlier["run_dir"]) if earlier.get("mode") == "offline" else None
     except (OSError, ValueError, KeyError, TypeError):
         recorded = None
