@@ -23,12 +23,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from probe_sweep import fingerprints, jobdir, jobs, threads, tracking, tuning
+from probe_sweep import fingerprints, threads, tuning
 from probe_sweep.config import Config, register_schema, to_typed
-from probe_sweep.data import CorpusSource
 from probe_sweep.errors import UserError
-from probe_sweep.model import resolve_location
+from probe_sweep.extraction.data import CorpusSource
+from probe_sweep.extraction.model import resolve_location
+from probe_sweep.jobs import jobdir
+from probe_sweep.jobs import scheduler as jobs
 from probe_sweep.pipeline import run_job
+from probe_sweep.tracking import runs as tracking
 
 log = logging.getLogger("probe_sweep")
 # conf/ beside the package, as a path: Hydra would look up a relative one as a module of this one.

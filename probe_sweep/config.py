@@ -13,17 +13,17 @@ from dataclasses import dataclass, field, fields
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from probe_sweep.activations import ActivationsConfig
 from probe_sweep.bases import BasisConfig
-from probe_sweep.data import DataConfig
 from probe_sweep.errors import UserError
-from probe_sweep.inputs import TargetConfig
-from probe_sweep.jobs import prepare_launchers
-from probe_sweep.layers import LayersConfig
-from probe_sweep.model import ModelConfig
-from probe_sweep.probes import ProbeConfig, ProbeKind, RegConfig, RegKind
+from probe_sweep.extraction.activations import ActivationsConfig
+from probe_sweep.extraction.data import DataConfig
+from probe_sweep.extraction.layers import LayersConfig
+from probe_sweep.extraction.model import ModelConfig
+from probe_sweep.fitting.inputs import TargetConfig
+from probe_sweep.jobs.scheduler import prepare_launchers
+from probe_sweep.probes.linear import ProbeConfig, ProbeKind, RegConfig, RegKind
 from probe_sweep.statistics import StatisticsConfig
-from probe_sweep.tracking import TrackerConfig
+from probe_sweep.tracking.runs import TrackerConfig
 from probe_sweep.tuning import TuningConfig, check_objective
 
 

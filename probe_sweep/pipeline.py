@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe_sweep import baselines, files, jobdir, plots, tables
+from probe_sweep import baselines, files
 from probe_sweep import statistics as pstats
 from probe_sweep.bases import Basis
 from probe_sweep.config import Config
-from probe_sweep.data import TEST, TRAIN, VAL
-from probe_sweep.fitting import (
+from probe_sweep.extraction.data import TEST, TRAIN, VAL
+from probe_sweep.extraction.hidden_states import Activations, pick_device
+from probe_sweep.extraction.layers import LayerMode
+from probe_sweep.fitting.identity import (
     Fitted,
     LayerHook,
     Scorer,
@@ -33,12 +35,12 @@ from probe_sweep.fitting import (
     input_covariances,
     prepare_inputs,
 )
-from probe_sweep.hidden_states import Activations, pick_device
-from probe_sweep.inputs import Split
-from probe_sweep.jobdir import JobMetrics
-from probe_sweep.layers import LayerMode
-from probe_sweep.probes import FitResult
-from probe_sweep.saved_fits import FitCheckpoint
+from probe_sweep.fitting.inputs import Split
+from probe_sweep.fitting.saved_fits import FitCheckpoint
+from probe_sweep.jobs import jobdir
+from probe_sweep.jobs.jobdir import JobMetrics
+from probe_sweep.probes.linear import FitResult
+from probe_sweep.report import plots, tables
 
 log = logging.getLogger("probe_sweep")
 

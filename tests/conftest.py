@@ -168,9 +168,9 @@ def tiny():
     """The tiny random-init GPT-2 on CPU and a small corpus, built once per test module."""
     import torch
 
-    from probe_sweep.data import DataConfig, build_corpus
-    from probe_sweep.model import load_model, load_tokenizer
-    from tests.test_model import TINY as TINY_MODEL
+    from probe_sweep.extraction.data import DataConfig, build_corpus
+    from probe_sweep.extraction.model import load_model, load_tokenizer
+    from tests.extraction.test_model import TINY as TINY_MODEL
 
     tokenizer = load_tokenizer(TINY_MODEL)
     model = load_model(TINY_MODEL, len(tokenizer), torch.device("cpu"), seed=0)

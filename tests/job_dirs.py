@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from probe_sweep import files, plots
+from probe_sweep import files
+from probe_sweep.report import plots
 
 DATA = Path(__file__).parent / "data"
 SAMPLES = {True: DATA / "metrics_tiny.json", False: DATA / "metrics_tiny_no_statistics.json"}

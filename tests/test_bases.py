@@ -15,7 +15,7 @@ from probe_sweep.bases import (
     random_orthogonal,
 )
 from probe_sweep.errors import UserError
-from probe_sweep.probes import (
+from probe_sweep.probes.linear import (
     ProbeConfig,
     RegConfig,
     RegKind,
@@ -23,7 +23,7 @@ from probe_sweep.probes import (
     fit_softmax_probe,
     score_probe,
 )
-from probe_sweep.rows import in_memory
+from probe_sweep.probes.rows import in_memory
 
 V, D = 400, 16
 

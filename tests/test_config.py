@@ -8,10 +8,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from probe_sweep.config import register_schema, to_typed
-from probe_sweep.data import CorpusSource
 from probe_sweep.errors import UserError
-from probe_sweep.layers import LayerMode
-from probe_sweep.probes import ProbeKind, RegKind
+from probe_sweep.extraction.data import CorpusSource
+from probe_sweep.extraction.layers import LayerMode
+from probe_sweep.probes.linear import ProbeKind, RegKind
 from tests.conftest import CONF
 
 register_schema()
@@ -123,7 +123,7 @@ def test_inputs_checked_against_the_model_and_corpus_fail_before_the_model_loads
     """Checks that need the tokenizer or the corpus (not the weights) run before loading."""
     import torch
 
-    from probe_sweep import hidden_states
+    from probe_sweep.extraction import hidden_states
 
     config = to_typed(
         composed("model=tiny", "data.token_budget=2000", "data.seq_len=64", *overrides)

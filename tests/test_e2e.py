@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from probe_sweep import jobdir
+from probe_sweep.jobs import jobdir
 from tests.conftest import CONF, TINY, run_cli, subprocess_timeout, wait_for_line
 
 pytestmark = pytest.mark.e2e
@@ -186,7 +186,8 @@ def test_a_cached_hub_model_loads_without_network(tmp_path: Path) -> None:
     (repo / "refs" / "main").write_text(commit)
     code = (
         "import torch\n"
-        "from probe_sweep.model import ModelConfig, inspect_model, load_model, load_tokenizer\n"
+        "from probe_sweep.extraction.model import (\n"
+        "    ModelConfig, inspect_model, load_model, load_tokenizer)\n"
         "cfg = ModelConfig(name='minilm', path='someone/minilm')\n"
         "tok = load_tokenizer(cfg)\n"
         "model = load_model(cfg, len(tok), torch.device('cpu'), 0)\n"

@@ -12,7 +12,7 @@ import pytest
 
 from tests import conftest
 from tests.conftest import TIMEOUT_S, TIMEOUT_SCALE_VAR, subprocess_timeout, wait_for_line
-from tests.test_slurm import OPT_IN, slurm_opt_out_reason
+from tests.jobs.test_slurm import OPT_IN, slurm_opt_out_reason
 
 TESTS = Path(__file__).resolve().parent
 # What makes a test end-to-end: it starts a child process or kills one.
@@ -103,7 +103,7 @@ def _marked_e2e(decorators: list[ast.expr]) -> bool:
 def test_every_test_that_starts_or_kills_a_process_is_marked_e2e() -> None:
     """Directly, or through a helper function of its module that does."""
     unmarked = []
-    for path in sorted(TESTS.glob("test_*.py")):
+    for path in sorted(TESTS.rglob("test_*.py")):
         tree = ast.parse(path.read_text())
         source = path.read_text()
         module_marked = any(

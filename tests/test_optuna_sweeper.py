@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.probe_sweep_optuna._space import override_value, sampler_seed
 from hydra_plugins.probe_sweep_optuna._storage import BASIC_LAUNCHER, choose_storage
-from probe_sweep import report, sweep_jobs
+from probe_sweep.jobs import sweep as sweep_jobs
+from probe_sweep.report import sweep as report
 from probe_sweep.tuning import open_storage, quote_override
 from tests.conftest import subprocess_timeout
 from tests.wandb_reader import read_run, run_files
@@ -33,7 +34,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from probe_sweep.jobdir import JobMetrics, write_metrics
+from probe_sweep.jobs.jobdir import JobMetrics, write_metrics
 from probe_sweep.tuning import TuningConfig, trial_reporter
 
 

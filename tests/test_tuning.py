@@ -13,8 +13,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from hydra_plugins.probe_sweep_optuna._impl import distribution
-from probe_sweep import tracking
 from probe_sweep.errors import UserError
+from probe_sweep.tracking import runs as tracking
 from probe_sweep.tuning import (
     PRUNER_ATTR,
     TuningConfig,

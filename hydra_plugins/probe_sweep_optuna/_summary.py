@@ -14,8 +14,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from probe_sweep.jobdir import InvalidMetrics, read_metrics
-from probe_sweep.plots import plt, save_figure
+from probe_sweep.jobs.jobdir import InvalidMetrics, read_metrics
+from probe_sweep.report.plots import plt, save_figure
 
 log = logging.getLogger(__name__)
 

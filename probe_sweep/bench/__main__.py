@@ -14,7 +14,7 @@ from pathlib import Path
 
 from probe_sweep.bench import __doc__ as package_doc
 from probe_sweep.bench.common import REPO, Row, machine, progress
-from probe_sweep.probes import RegConfig
+from probe_sweep.probes.linear import RegConfig
 
 DEFAULT_STRENGTHS = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 SECTIONS = ["extraction", "softmax", "ridge", "sweep", "memory", "contention", "scale", "gpu_scale"]

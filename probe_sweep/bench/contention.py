@@ -12,7 +12,7 @@ from pathlib import Path
 
 from probe_sweep.bench.common import Row, ok, progress
 from probe_sweep.bench.runs import job_args, job_env, run_cli_job
-from probe_sweep.jobdir import METRICS
+from probe_sweep.jobs.jobdir import METRICS
 
 
 def section_contention(

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from probe_sweep.activations import extract
 from probe_sweep.bench.common import (
     Row,
     compose_config,
@@ -24,12 +23,13 @@ from probe_sweep.bench.common import (
 )
 from probe_sweep.bench.runs import job_args
 from probe_sweep.config import Config
-from probe_sweep.data import TEST, TRAIN, VAL, build_corpus
-from probe_sweep.fitting import prepare_inputs
-from probe_sweep.hidden_states import pick_device
-from probe_sweep.inputs import Inputs
-from probe_sweep.layers import resolve_layers
-from probe_sweep.model import inspect_model, load_model, load_tokenizer
+from probe_sweep.extraction.activations import extract
+from probe_sweep.extraction.data import TEST, TRAIN, VAL, build_corpus
+from probe_sweep.extraction.hidden_states import pick_device
+from probe_sweep.extraction.layers import resolve_layers
+from probe_sweep.extraction.model import inspect_model, load_model, load_tokenizer
+from probe_sweep.fitting.identity import prepare_inputs
+from probe_sweep.fitting.inputs import Inputs
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from probe_sweep.bench.common import Row, compose_config, ok, progress, sync
 from probe_sweep.bench.runs import JobFigures, job_env, job_figures, room_for, run_cli_job
 from probe_sweep.config import Config
-from probe_sweep.model import load_model, load_tokenizer
+from probe_sweep.extraction.model import load_model, load_tokenizer
 
 SECTION = "8 gpu scale"
 TARGET = 0.5  # extraction over the forward-pass bound

@@ -10,8 +10,8 @@ import torch
 from probe_sweep.bench.common import Row, ok, progress, sync, timed
 from probe_sweep.bench.extraction import Setup
 from probe_sweep.bench.softmax import standardised
-from probe_sweep.data import TRAIN, VAL
-from probe_sweep.probes import RegConfig, RegKind, fit_ridge_probe
+from probe_sweep.extraction.data import TRAIN, VAL
+from probe_sweep.probes.linear import RegConfig, RegKind, fit_ridge_probe
 
 
 def section_ridge(s: Setup, layer: int, out: list[Row]) -> None:

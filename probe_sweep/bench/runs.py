@@ -169,7 +169,7 @@ def loop_rate(output: str) -> float | None:
 
 def job_figures(run_dir: Path, run: JobRun) -> JobFigures:
     """Read a finished job's metrics.json (and log) into the figures the bench reports."""
-    from probe_sweep.jobdir import read_metrics
+    from probe_sweep.jobs.jobdir import read_metrics
 
     metrics = read_metrics(run_dir)
     counts, timing, fits = metrics.counts, metrics.timing_s, metrics.fits.values()
@@ -200,8 +200,8 @@ def cache_estimate(config: Config) -> int:
     """Bytes the job's activation cache entry will take (its layers at its token budget)."""
     import numpy as np
 
-    from probe_sweep.layers import resolve_layers
-    from probe_sweep.model import inspect_model, load_tokenizer
+    from probe_sweep.extraction.layers import resolve_layers
+    from probe_sweep.extraction.model import inspect_model, load_tokenizer
 
     info = inspect_model(config.model, len(load_tokenizer(config.model)))
     layers = resolve_layers(config.layers, info.n_layers)

@@ -18,8 +18,8 @@ import torch
 
 from probe_sweep.bench.common import Row, ok, progress, sync
 from probe_sweep.bench.extraction import Setup
-from probe_sweep.data import TRAIN
-from probe_sweep.probes import (
+from probe_sweep.extraction.data import TRAIN
+from probe_sweep.probes.linear import (
     FitResult,
     ProbeConfig,
     RegConfig,
@@ -27,7 +27,7 @@ from probe_sweep.probes import (
     fit_softmax_probe,
     standardisation,
 )
-from probe_sweep.rows import Rows
+from probe_sweep.probes.rows import Rows
 
 TARGETS = (1e-4, 1e-6)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from probe_sweep.bench.common import CONF, Row, ok, progress
 from probe_sweep.bench.runs import job_args, job_env, run_cli_job
-from probe_sweep.jobdir import METRICS, read_metrics
+from probe_sweep.jobs.jobdir import METRICS, read_metrics
 
 BASIS_PREFERENCE = ["natural", "pca", "nmf", "random", "frequency", "dictionary"]
 

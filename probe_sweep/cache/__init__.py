@@ -1,0 +1,1 @@
+"""The activation cache: its entry format and checks, and the command that manages it."""

@@ -1,0 +1,1 @@
+"""Linear probes: the estimators, their solvers, and the rows they are fitted on."""

@@ -1,0 +1,1 @@
+"""What people look at: the job's plots and tables, and the sweep-level report."""

@@ -1,0 +1,1 @@
+"""The tracker: a finished job, read back from its files, as one Weights & Biases run."""

@@ -1,0 +1,68 @@
+"""A job's identity: one list (jobdir.NOT_IN_KEY) of settings that leave its results alone."""
+
+from __future__ import annotations
+
+import copy
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from probe_sweep.config import register_schema
+from probe_sweep.jobs import jobdir
+from probe_sweep.jobs.scheduler import prepare_launchers
+from tests.conftest import CONF
+
+RESOLVED = {
+    "seed": 0,
+    "device": "auto",
+    "redo": False,
+    "reg": {"kind": "l2", "strength": 1e-6},
+    "activations": {"cache_dir": "/a", "batch_size": 8, "dtype": "float32"},
+    "tracker": {"mode": "offline"},
+    "tuning": {"objective": "val_nll", "study": "s", "storage": "sqlite:////x", "trial_id": 3},
+}
+
+
+def changed(dotted: str, value: object) -> dict:
+    config = copy.deepcopy(RESOLVED)
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return config
+
+
+def test_settings_outside_the_key_leave_it_alone_and_the_rest_change_it() -> None:
+    key = jobdir.job_key(RESOLVED, 1)
+    for dotted, value in [
+        ("device", "cuda:1"),
+        ("redo", True),
+        ("tracker.mode", "disabled"),
+        ("tuning.storage", "journal:/elsewhere/optuna.journal"),
+        ("tuning.trial_id", 9),
+        ("activations.cache_dir", "/b"),
+        ("activations.batch_size", 64),
+    ]:
+        assert jobdir.job_key(changed(dotted, value), 1) == key, dotted
+    for dotted, value in [("reg.strength", 1e-3), ("seed", 1), ("activations.dtype", "bf16")]:
+        assert jobdir.job_key(changed(dotted, value), 1) != key, dotted
+    assert jobdir.job_key(RESOLVED, 2) != key, "the schema version is part of the key"
+    content = jobdir.keyed_content(RESOLVED)
+    assert "tuning" not in content and "device" not in content
+    assert content["activations"] == {"dtype": "float32"}
+    assert RESOLVED["activations"]["batch_size"] == 8, "the caller's config was changed"
+
+
+def test_the_list_is_there_for_hydra_job_dir_names() -> None:
+    """conf/config.yaml can take override_dirname.exclude_keys from the one list."""
+    register_schema()
+    prepare_launchers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["hydra.job.config.override_dirname.exclude_keys=${probe_sweep_not_in_key:}"],
+            return_hydra_config=True,
+        )
+    excluded = OmegaConf.to_container(cfg.hydra.job.config.override_dirname, resolve=True)
+    assert excluded["exclude_keys"] == list(jobdir.NOT_IN_KEY)  # type: ignore[index]
