@@ -105,7 +105,8 @@ def skip_finished(
                 "tracker logged them",
                 done,
             )
-    return tuning.objective(jobdir.read_metrics(done).layers, config.tuning)
+    layers = jobdir.read_metrics(done).layers
+    return tuning.objective([layer.scores for layer in layers], config.tuning)
 
 
 def run_and_track(
@@ -121,7 +122,7 @@ def run_and_track(
         metrics = run_job(config, resolved, out_dir, job_info, reporter)
     # After metrics.json is on disk; never raises (a W&B failure is one warning line).
     track(config.tracker, tracking.JobInfo.from_hydra(hydra_cfg), resolved, key)
-    return tuning.objective(metrics.layers, config.tuning)
+    return tuning.objective([layer.scores for layer in metrics.layers], config.tuning)
 
 
 def stop_interrupted(hydra_cfg: DictConfig, multirun: bool) -> NoReturn:

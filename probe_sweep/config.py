@@ -17,11 +17,12 @@ from probe_sweep.bases import BasisConfig
 from probe_sweep.errors import UserError
 from probe_sweep.extraction.activations import ActivationsConfig
 from probe_sweep.extraction.data import DataConfig
+from probe_sweep.extraction.labels import TargetConfig
 from probe_sweep.extraction.layers import LayersConfig
 from probe_sweep.extraction.model import ModelConfig
-from probe_sweep.fitting.inputs import TargetConfig
 from probe_sweep.jobs.scheduler import prepare_launchers
-from probe_sweep.probes.linear import ProbeConfig, ProbeKind, RegConfig, RegKind
+from probe_sweep.probes.kinds import check_penalty
+from probe_sweep.probes.linear import ProbeConfig, RegConfig
 from probe_sweep.statistics import StatisticsConfig
 from probe_sweep.tracking.runs import TrackerConfig
 from probe_sweep.tuning import TuningConfig, check_objective
@@ -134,10 +135,7 @@ def to_typed(cfg: DictConfig) -> Config:
             )
     data, probe, reg = config.data, config.probe, config.reg
     check_ranges(config)
-    _check(
-        not (probe.kind is ProbeKind.ridge and reg.kind is RegKind.l1),
-        "probe=ridge has a closed form only with reg=l2 or reg=none; choose one of those",
-    )
+    check_penalty(probe.kind, reg.kind)
     for name in ("val_fraction", "test_fraction"):
         value = getattr(data, name)
         _check(0 < value < 1, f"data.{name}={value} must lie strictly between 0 and 1")

@@ -1,11 +1,31 @@
-"""Cluster bootstrap over held-out sequences: tokens of one sequence share their context, so
-they are resampled together (resampling tokens would understate the spread)."""
+"""95% intervals: percentile intervals of draws, and the cluster bootstrap over held-out
+sequences that every accuracy's interval comes from (tokens of one sequence share their
+context, so they are resampled together; resampling tokens would understate the spread)."""
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from typing import Any
 
-from probe_sweep.statistics.nulls import interval
+import numpy as np
+import torch
+
+LEVEL = 0.95
+
+
+def finite(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def interval(draws: np.ndarray | torch.Tensor) -> list[float | None]:
+    """The central 95% of bootstrap draws."""
+    values = np.asarray(draws, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return [None, None]
+    lo, hi = np.quantile(values, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return [float(lo), float(hi)]
 
 
 class SequenceBootstrap:

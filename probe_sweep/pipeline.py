@@ -1,16 +1,18 @@
 """One job, stage by stage, in the order of the data flow in DESIGN.md:
 
-    model -> corpus -> activation cache -> basis -> probes -> statistics -> job files
+    checks -> extraction -> bases -> fitting (identity probes, then baselines) -> statistics
+           -> job files
 
-Each stage is a function of typed values that returns a small dataclass, in a module of its
-own: ``hidden_states.py`` (model, corpus, cache), ``fitting.py`` (split, basis, identity
-probes, scores), ``baselines.py`` (controls, random init, lenses, MDL) and ``statistics/``.
-``run_job`` wires them and is the only place that knows them all (the Hydra entry only
-translates the config); this module also writes the job's files.
+Each stage runs once: the random-init model's hidden states, basis and probes come from the same
+stage functions as the trained model's, called here beside them. Each stage returns its own
+typed results (``results.py``) and nobody edits them afterwards; ``run_job`` puts a layer's
+parts side by side. This is the only module that knows every stage (the Hydra entry only
+translates the config).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -20,27 +22,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe_sweep import baselines, files
-from probe_sweep import statistics as pstats
-from probe_sweep.bases import Basis
+from probe_sweep.bases import Basis, build_basis, check_basis_config
 from probe_sweep.config import Config
 from probe_sweep.extraction.data import TEST, TRAIN, VAL
-from probe_sweep.extraction.hidden_states import Activations, pick_device
-from probe_sweep.extraction.layers import LayerMode
-from probe_sweep.fitting.identity import (
-    Fitted,
-    LayerHook,
-    Scorer,
-    fit_identity_probes,
-    input_covariances,
-    prepare_inputs,
+from probe_sweep.extraction.hidden_states import (
+    Activations,
+    cache_activations,
+    describe_model,
+    pick_device,
 )
-from probe_sweep.fitting.inputs import Split
+from probe_sweep.extraction.labels import Split, split_labels
+from probe_sweep.extraction.layers import resolve_layers
+from probe_sweep.fitting.identity import LayerHook
+from probe_sweep.fitting.job_probes import Model, Probes, fit_job_probes, model_inputs
 from probe_sweep.fitting.saved_fits import FitCheckpoint
-from probe_sweep.jobs import jobdir
+from probe_sweep.intervals import SequenceBootstrap
 from probe_sweep.jobs.jobdir import JobMetrics
-from probe_sweep.probes.linear import FitResult
-from probe_sweep.report import plots, tables
+from probe_sweep.probes.kinds import ProbeKind, probe_kind
+from probe_sweep.report.job_files import write_job_files
+from probe_sweep.results import JobStatistics, LayerResult
+from probe_sweep.statistics import JobProbes, Measured, job_statistics
 
 log = logging.getLogger("probe_sweep")
 
@@ -55,93 +56,123 @@ def run_job(
     """One job: every stage in order; returns the metrics written to ``out_dir/metrics.json``.
 
     ``job`` (content key, scheduler ids) is stored with them: a metrics.json that has it marks
-    complete results. ``on_layer(step, row)`` is called as each layer is scored (a tuner may
+    complete results. ``on_layer(step, scores)`` is called as each layer is scored (a tuner may
     stop the job there)."""
+    check_inputs(config)
     clock = [time.perf_counter()]
     device = pick_device(config.device)
-    acts, scorer = prepare_inputs(config, device)
-    split, basis = scorer.inputs.split, scorer.inputs.basis
+    trained, random = extract(config, device)
+    split, models = prepare(config, [a for a in (trained, random) if a is not None], device)
     clock.append(time.perf_counter())
-
     checkpoint = FitCheckpoint(out_dir, job["key"], device)
-    class_embeddings = acts.embedding[torch.from_numpy(split.classes)].to(device)
-    fitted = fit_identity_probes(
-        config, scorer, acts.layers, class_embeddings, checkpoint, on_layer
-    )
+    kind = probe_kind(config.probe.kind)
+    probes = fit_job_probes(config, kind, models, checkpoint, on_layer)
     clock.append(time.perf_counter())
-    statistics = measure(config, acts, scorer, fitted, device, checkpoint)
+    measured = measure(config, kind, models[0], probes)
     clock.append(time.perf_counter())
-
+    basis = models[0].inputs.basis
     metrics = JobMetrics(
-        **job_metrics(config, acts, split, fitted, statistics, basis.name),
+        **job_sections(config, trained, split, probes, measured, basis),
         timing_s=stage_times(clock),
         resources=resources(device),
         job=job,
         config=resolved,
     )
-    write_job_files(out_dir, metrics, fitted.fits, split.classes, basis)
+    write_job_files(out_dir, metrics, probes.fitted.fits, split.classes, basis)
     checkpoint.discard()
     return metrics
 
 
-def measure(
-    config: Config,
-    acts: Activations,
-    scorer: Scorer,
-    fitted: Fitted,
-    device: torch.device,
-    checkpoint: FitCheckpoint,
-) -> dict[str, Any]:
-    """Statistics of the fitted probes against W_E, each read against its baselines (which add
-    their own numbers to the layer rows)."""
-    stats_cfg, per_layer = config.statistics, config.layers.mode is not LayerMode.pooled
-    if not stats_cfg.enabled:
-        return {}
-    inputs, split, vocab_size = scorer.inputs, scorer.inputs.split, acts.info.vocab_size
-    controls, random_init, lens = {}, None, None
-    if stats_cfg.control_task:
-        controls = baselines.control_probes(config, scorer, fitted, vocab_size, checkpoint)
-    if stats_cfg.lens_probe and acts.unembedding is not None:
-        baselines.lens_probe_scores(config, acts, scorer, fitted, checkpoint)
-    if stats_cfg.random_init_baseline:
-        random_init = baselines.random_init_probes(config, device, fitted, checkpoint)
-    if stats_cfg.logit_lens:
-        lens = baselines.lens_inputs(acts, split, stats_cfg.lens_rows)
-    class_embeddings = acts.embedding[torch.from_numpy(split.classes)]
-    probes = pstats.ProbeSet(
-        fitted.fits, inputs.basis.encoder, class_embeddings, input_covariances(inputs, fitted)
-    )
-    job = pstats.JobProbes(
-        probes=probes,
-        rows=fitted.rows,
-        embedding=acts.embedding,
-        null_kind=inputs.basis.null_kind,
-        random_init=random_init,
-        control_fits=controls,
-        lens=lens,
-    )
-    statistics = pstats.job_statistics(job, stats_cfg, config.seed)
-    statistics["basis"] = {"name": inputs.basis.name, **inputs.basis.info}
-    if stats_cfg.lens_comparison and per_layer:
-        statistics["lens_comparison"] = baselines.compare_lenses(config, acts, scorer, fitted)
-    if stats_cfg.mdl and per_layer:
-        statistics["mdl"] = baselines.description_lengths(config, inputs, fitted, vocab_size)
-    if stats_cfg.k_sweep and per_layer:
-        statistics["accuracy_vs_k"] = baselines.accuracy_vs_k(config, scorer, fitted)
-    return statistics
+def check_inputs(config: Config) -> None:
+    """The checks that need the model's shape, before any work (a bad basis or layer setting
+    fails in seconds, not after an extraction)."""
+    info = describe_model(config.model)
+    check_basis_config(config.basis, info.d_model)
+    resolve_layers(config.layers, info.n_layers)
 
 
-def job_metrics(
+def extract(config: Config, device: torch.device) -> tuple[Activations, Activations | None]:
+    """The hidden states of the model and, for the random-init baseline, of the same
+    architecture with random weights (init seed = seed + 1, so it differs from a model that is
+    itself random)."""
+    trained = cache_activations(config, device)
+    stats = config.statistics
+    if not (stats.enabled and stats.random_init_baseline):
+        return trained, None
+    baseline = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, random_init=True)
+    )
+    return trained, cache_activations(baseline, device, config.seed + 1)
+
+
+def prepare(
+    config: Config, acts: list[Activations], device: torch.device
+) -> tuple[Split, list[Model]]:
+    """The corpus labelled and split (the same for every model: one tokenizer), then each
+    model's basis from its W_E and the training split's token counts."""
+    first = acts[0]
+    split = split_labels(
+        first.corpus, config.probe.classes, first.info.vocab_size, device, config.target.offset
+    )
+    counts = np.bincount(split.targets[split.rows[TRAIN]], minlength=first.info.vocab_size)
+    bases = [build_basis(config.basis, a.embedding, counts, config.seed) for a in acts]
+    n_draws = config.statistics.n_bootstrap
+    bootstrap = SequenceBootstrap(split.sequences[TEST], n_draws, config.seed)
+    return split, [
+        model_inputs(a, b, split, bootstrap, device) for a, b in zip(acts, bases, strict=True)
+    ]
+
+
+def measure(config: Config, kind: ProbeKind, ours: Model, probes: Probes) -> Measured | None:
+    """The statistics of the fitted probes against W_E, each read against its baselines."""
+    if not config.statistics.enabled:
+        return None
+    job = JobProbes(
+        probes=probes.probe_set,
+        top1={scores.layer: scores.top1 for scores in probes.fitted.scores},
+        embedding=ours.acts.embedding,
+        null_kind=ours.inputs.basis.null_kind,
+        compared_as=kind.compared_as,
+        random_init=probes.random_init,
+        control_fits=probes.control_fits,
+        lens=probes.lens,
+    )
+    return job_statistics(job, config.statistics, config.seed)
+
+
+def layer_results(probes: Probes, measured: Measured | None) -> list[LayerResult]:
+    """Each layer's parts side by side."""
+    readouts = measured.readouts if measured is not None else {}
+    out = []
+    for scores in probes.fitted.scores:
+        layer = scores.layer
+        mdl, control_mdl = probes.mdl.get(layer, (None, None))
+        out.append(
+            LayerResult(
+                scores=scores,
+                control=probes.control.get(layer),
+                random_init=probes.random_scores.get(layer),
+                lens_probe=probes.lens_probe.get(layer),
+                logit_lens=readouts.get(layer),
+                lenses=probes.lenses.get(layer),
+                mdl=mdl,
+                control_mdl=control_mdl,
+            )
+        )
+    return out
+
+
+def job_sections(
     config: Config,
     acts: Activations,
     split: Split,
-    fitted: Fitted,
-    statistics: dict[str, Any],
-    basis_name: str,
+    probes: Probes,
+    measured: Measured | None,
+    basis: Basis,
 ) -> dict[str, Any]:
     """The sections of metrics.json that describe the model, probe, data and results."""
-    info, rows = acts.info, split.rows
-    converged = [bool(f.convergence.get("converged", True)) for f in fitted.fits.values()]
+    info, rows, fits = acts.info, split.rows, probes.fitted.fits
+    converged = [bool(f.convergence.get("converged", True)) for f in fits.values()]
     model = {
         "name": info.name,
         "path": config.model.path,
@@ -152,9 +183,9 @@ def job_metrics(
         "has_unembedding": acts.unembedding is not None,
     }
     probe = {
-        "kind": config.probe.kind.value,
+        "kind": config.probe.kind,
         "layers": config.layers.mode.value,
-        "basis": basis_name,
+        "basis": basis.name,
         "reg": config.reg.kind.value,
         "strength": config.reg.strength,
         "classes": config.probe.classes.value,
@@ -174,21 +205,31 @@ def job_metrics(
         "n_test_unseen": int((split.labels[TEST] < 0).sum()),
         "n_outside_target": split.n_outside,
     }
+    statistics = None
+    if measured is not None:
+        statistics = JobStatistics(
+            entries=measured.entries,
+            weight_mass=measured.weight_mass,
+            classes=measured.classes,
+            basis={"name": basis.name, **basis.info},
+            accuracy_vs_k=probes.accuracy_vs_k,
+        )
     store = acts.store
     return {
         "model": model,
         "probe": probe,
         "counts": counts,
         "cache": {"key": store.meta["key"], "path": str(store.path), "reused": store.reused},
-        "layers": fitted.rows,
-        "fits": {name: {**f.convergence, "history": f.history} for name, f in fitted.fits.items()},
+        "layers": layer_results(probes, measured),
+        "fits": {name: {**f.convergence, "history": f.history} for name, f in fits.items()},
         "statistics": statistics,
-        "ridge_path": ridge_path(fitted.fits, config.probe.path_strengths),
+        "ridge_path": ridge_path(fits, config.probe.path_strengths),
     }
 
 
 def stage_times(clock: list[float]) -> dict[str, float]:
-    """Seconds spent extracting, fitting and measuring, from the clock read between stages."""
+    """Seconds spent extracting (both models, the split and the bases), fitting (identity
+    probes and baselines) and computing the statistics, from the clock read between stages."""
     stages = ("extract", "fit", "statistics")
     return {stage: round(b - a, 2) for stage, a, b in zip(stages, clock, clock[1:], strict=False)}
 
@@ -203,43 +244,10 @@ def resources(device: torch.device) -> dict[str, Any]:
     return out
 
 
-def ridge_path(fits: dict[str, FitResult], strengths: list[float]) -> dict[str, Any] | None:
+def ridge_path(fits: dict[str, Any], strengths: list[float]) -> dict[str, Any] | None:
     """Validation NLL along the ridge path, averaged over the fitted probes (as the objective)."""
     paths = [fit.path for fit in fits.values() if fit.path]
     if not paths:
         return None
     mean = [float(np.mean([p[i]["val_nll"] for p in paths])) for i in range(len(strengths))]
     return {"strengths": list(strengths), "val_nll": mean}
-
-
-def write_job_files(
-    out_dir: Path,
-    metrics: JobMetrics,
-    fits: dict[str, FitResult],
-    classes: np.ndarray,
-    basis: Basis,
-) -> None:
-    """Probe tensors (with the basis encoder, which maps them to natural coordinates), the
-    plots, then metrics.json last (its presence marks a finished job), then the tables."""
-    assert basis.encoder is not None
-    tensors = {"classes": torch.from_numpy(classes), "basis.encoder": basis.encoder}
-    for name, fit in fits.items():
-        tensors.update({f"{name}.{k}": v for k, v in fit.probe.state_dict().items()})
-        if fit.map_weight is not None:
-            tensors[f"{name}.map_weight"] = fit.map_weight
-    files.write_tensors(out_dir / jobdir.PROBES, tensors, {"basis": basis.name})
-    probe, rows, statistics = metrics.probe, metrics.layers, metrics.statistics
-    title = (
-        f"{metrics.model['name']}: {probe['kind']} probe ({probe['layers']} layer), "
-        f"{basis.name} basis, {probe['reg']} {probe['strength']:g}"
-    )
-    plots.plot_accuracy_by_layer(rows, out_dir / "accuracy_by_layer.png", title)
-    if statistics.get("accuracy_vs_k"):
-        points = statistics["accuracy_vs_k"]
-        plots.plot_accuracy_vs_k({"": points}, out_dir / "accuracy_vs_k.png", title)
-    jobdir.write_metrics(out_dir, metrics)
-    log.info("Held-out scores (%s):\n%s", out_dir, tables.format_table(rows))
-    if statistics.get("entries"):
-        log.info("Statistics (nulls):\n%s", pstats.format_entries(statistics["entries"]))
-    if any(field in row for row in rows for field in pstats.LAYER_FIELDS[1:]):
-        log.info("Baselines, controls, lenses, MDL by layer:\n%s", pstats.format_layers(rows))

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from probe_sweep.errors import UserError
+from probe_sweep.results import LayerResult, ProbeScores
 
-OBJECTIVES = ("val_nll", "val_top1", "nll", "top1", "top5")
+OBJECTIVES = ("val_nll", "val_top1", "nll", "top1", "top5")  # fields of ``ProbeScores``
 
 
 @dataclass
@@ -93,17 +94,17 @@ def check_objective(cfg: TuningConfig) -> None:
         )
 
 
-def objective(rows: list[dict[str, Any]], cfg: TuningConfig) -> float:
-    """The scalar a study optimises, from a job's per-layer rows."""
+def objective(scores: list[ProbeScores], cfg: TuningConfig) -> float:
+    """The scalar a study optimises, from a job's per-layer scores."""
     if cfg.layer is not None:
-        rows = [r for r in rows if r["layer"] == cfg.layer]
-        if not rows:
+        scores = [s for s in scores if s.layer == cfg.layer]
+        if not scores:
             raise UserError(f"tuning.layer={cfg.layer} was not probed; add it to the layers")
-    values = [float(r[cfg.objective]) for r in rows]
+    values = [float(getattr(s, cfg.objective)) for s in scores]
     return math.fsum(values) / len(values)
 
 
-def trial_reporter(cfg: TuningConfig) -> Callable[[int, dict[str, Any]], None] | None:
+def trial_reporter(cfg: TuningConfig) -> Callable[[int, ProbeScores], None] | None:
     """A per-layer callback that reports to the study's trial and stops the job (by raising
     ``optuna.TrialPruned``) when the pruner says so; None outside a study."""
     if cfg.trial_id is None:
@@ -117,13 +118,13 @@ def trial_reporter(cfg: TuningConfig) -> Callable[[int, dict[str, Any]], None] |
     trial = optuna.trial.Trial(study, cfg.trial_id)
     reported: list[dict[str, Any]] = []
 
-    def report(step: int, row: dict[str, Any]) -> None:
-        reported.append(row)
-        if cfg.layer is not None and row["layer"] != cfg.layer:
+    def report(step: int, scores: ProbeScores) -> None:
+        reported.append(LayerResult(scores).row())
+        if cfg.layer is not None and scores.layer != cfg.layer:
             return
-        trial.report(float(row[cfg.objective]), step)
+        trial.report(float(getattr(scores, cfg.objective)), step)
         if trial.should_prune():
-            pruned = optuna.TrialPruned(f"pruned after layer {row['layer']}")
+            pruned = optuna.TrialPruned(f"pruned after layer {scores.layer}")
             pruned.rows = list(reported)  # type: ignore[attr-defined]
             raise pruned
 

@@ -12,11 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe_sweep.intervals import SequenceBootstrap
-from probe_sweep.probes.linear import ProbeConfig, RegConfig, fit_softmax_probe, token_scores
+from probe_sweep.config import Config
+from probe_sweep.extraction.data import TEST, TRAIN
+from probe_sweep.fitting.identity import Fitted, Scorer
+from probe_sweep.intervals import SequenceBootstrap, interval
+from probe_sweep.probes.kinds import ProbeKind, ProbeTask
+from probe_sweep.probes.linear import ProbeConfig, RegConfig, token_scores
 from probe_sweep.probes.rows import Rows
-from probe_sweep.statistics.nulls import interval
-from probe_sweep.statistics.weight_mass import COORDINATE, coordinate_subsets, haar_frames
+from probe_sweep.results import KPoint
+from probe_sweep.subspaces import COORDINATE, coordinate_subsets, haar_frames
 
 
 def projections(size: int, k: int, null_kind: str, seeds: int, seed: int) -> list[tuple]:
@@ -45,7 +49,8 @@ def project(x: torch.Tensor, projection: Any) -> torch.Tensor:
 def accuracy_against_k(
     train: Rows,
     test: Rows,
-    n_classes: int,
+    targets: torch.Tensor,
+    kind: ProbeKind,
     ks: list[int],
     null_kind: str,
     seeds: int,
@@ -54,28 +59,39 @@ def accuracy_against_k(
     bootstrap: SequenceBootstrap,
     layer: int,
     seed: int,
-) -> list[dict[str, Any]]:
-    """Held-out top-1 (with its sequence-bootstrap interval) of a softmax probe fitted on k
-    directions, for every k, kind and seed."""
-    rows = []
+) -> list[KPoint]:
+    """Held-out top-1 (with its sequence-bootstrap interval) of a probe of the job's kind fitted
+    on k directions, for every k, kind of subset and seed."""
+    points = []
     size = train.d
     for k in sorted(k for k in ks if 0 < k <= size):
-        for kind, draw, projection in projections(size, k, null_kind, seeds, seed):
-            fit = fit_softmax_probe(
-                train.map(lambda x, p=projection: project(x, p), k), n_classes, reg, probe,
-                desc=f"layer {layer} {kind}-{k}",
+        for which, draw, projection in projections(size, k, null_kind, seeds, seed):
+            on_k = ProbeTask(train.map(lambda x, p=projection: project(x, p), k), targets)
+            fit = kind.fit(on_k, reg, probe, None, f"layer {layer} {which}-{k}")
+            held_out = test.map(lambda x, p=projection: project(x, p), k)
+            correct = token_scores(fit.probe, held_out)["correct1"]
+            points.append(
+                KPoint(
+                    layer=layer, k=k, kind=which, seed=draw, top1=float(correct.mean()),
+                    converged=bool(fit.convergence["converged"]),
+                    top1_ci=interval(bootstrap.draws(correct)),
+                )
             )  # fmt: skip
-            on_k = test.map(lambda x, p=projection: project(x, p), k)
-            correct = token_scores(fit.probe, on_k)["correct1"]
-            rows.append(
-                {
-                    "layer": layer,
-                    "k": k,
-                    "kind": kind,
-                    "seed": draw,
-                    "top1": float(correct.mean()),
-                    "top1_ci": interval(bootstrap.draws(correct)),
-                    "converged": fit.convergence["converged"],
-                }
-            )
-    return rows
+    return points
+
+
+def accuracy_vs_k(
+    config: Config, kind: ProbeKind, scorer: Scorer, fitted: Fitted, targets: torch.Tensor
+) -> list[KPoint]:
+    """At each layer, held-out top-1 of probes on the top, bottom and random k coordinates of
+    the basis: where in the basis the input token is readable."""
+    inputs, stats_cfg = scorer.inputs, config.statistics
+    return [
+        point
+        for scores in fitted.scores
+        for point in accuracy_against_k(
+            inputs(TRAIN, scores.layer), inputs(TEST, scores.layer), targets, kind,
+            stats_cfg.k_sweep, inputs.basis.null_kind, stats_cfg.k_seeds, config.reg,
+            config.probe, scorer.bootstrap, scores.layer, config.seed,
+        )
+    ]  # fmt: skip

@@ -7,12 +7,12 @@ block with the probe trained on all the rows before it, at a cost of sum -log2 p
 block. Compression = uniform code length / online code length: about 1 when x says nothing about
 y, large when a linear read-out of x gives y cheaply and from few examples.
 
-Departures from the paper: each probe is the softmax probe at the optimum of its stated objective
-(mean cross-entropy + penalty at ``reg``, ``probes.fit_softmax_probe``), not a network stopped
-early on a held-out part of its block; and each fit is warm-started from the previous block's
-probe, re-expressed exactly in the new fit's standardised coordinates (the solver's optimum does
-not depend on the start, only the iterations to reach it do). A control task is the same call
-with the control labels as ``y``.
+Departures from the paper: each probe is the job's kind of probe (``probes/kinds.py``) at the
+optimum of its stated objective (for softmax, mean cross-entropy + penalty at ``reg``), not a
+network stopped early on a held-out part of its block; and a softmax fit is warm-started from the
+previous block's probe, re-expressed exactly in the new fit's standardised coordinates (the
+solver's optimum does not depend on the start, only the iterations to reach it do). A control task
+is the same call with the control labels as ``y``.
 
 Caveat: on the first blocks (tens of rows, many classes, a weak penalty) the data are nearly
 separable, the optimum lies far out, and how far a fit within ``tol`` gets changes those blocks'
@@ -24,19 +24,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from itertools import pairwise
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from probe_sweep.probes.linear import (
-    LinearProbe,
-    ProbeConfig,
-    RegConfig,
-    fit_softmax_probe,
-)
+from probe_sweep.baselines.control import control_labels, control_targets
+from probe_sweep.config import Config
+from probe_sweep.extraction.data import TRAIN
+from probe_sweep.fitting.identity import Fitted
+from probe_sweep.fitting.inputs import Inputs
+from probe_sweep.probes.kinds import ProbeKind, ProbeTask
+from probe_sweep.probes.linear import LinearProbe, ProbeConfig, RegConfig
 from probe_sweep.probes.rows import Rows
+from probe_sweep.results import CodeBlock, CodeLength
 
 # Voita & Titov's schedule: 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.25, 12.5, 25, 50, 100 % of the rows.
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
@@ -90,61 +91,79 @@ def _part(rows: Rows, start: int, end: int) -> Rows:
 
 def online_codelength(
     rows: Rows,
-    n_classes: int,
+    targets: torch.Tensor,
+    kind: ProbeKind,
     reg: RegConfig,
     cfg: ProbeConfig,
     fractions: tuple[float, ...] | list[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
     desc: str = "",
-) -> dict[str, Any]:
+) -> CodeLength:
     """Online code length (bits) of the labels of ``rows`` (class positions, -1 = outside the
-    class set) given their inputs, streamed chunk by chunk. Rows labelled -1 are dropped and
-    counted; the rest are put in a seeded random order (a plain row permutation: the caller's
-    rows are already whole sequences, and a block needs no sequence boundaries) and coded block
-    by block (see the module docstring)."""
+    class set; ``targets``: the classes' target vectors) given their inputs, streamed chunk by
+    chunk. Rows labelled -1 are dropped and counted; the rest are put in a seeded random order
+    (a plain row permutation: the caller's rows are already whole sequences, and a block needs
+    no sequence boundaries) and coded block by block (see the module docstring)."""
     labelled = rows.labelled()
     n, n_dropped = len(labelled), len(rows) - len(labelled)
     if n == 0:
         raise ValueError("online_codelength: no row has a label in the class set")
     ends = block_ends(n, fractions)
     ordered = _seeded_blocks(labelled, ends, seed)
+    n_classes = len(targets)
     bits_per_class = math.log2(n_classes) if n_classes > 0 else 0.0
-    blocks: list[dict[str, Any]] = [
-        {
-            "fraction": ends[0] / n,
-            "n_rows": ends[0],
-            "n_train": 0,
-            "bits": ends[0] * bits_per_class,
-            "converged": None,  # the uniform code: no probe
-            "iterations": 0,
-        }
-    ]
+    # the first block: the uniform code, no probe
+    blocks = [CodeBlock(ends[0] / n, ends[0], 0, ends[0] * bits_per_class, None, 0)]
     probe: LinearProbe | None = None
     for start, end in pairwise(ends):
-        train = ordered.head(start)
         label = f"{desc} mdl {start}/{n}".strip()
-        fit = fit_softmax_probe(train, n_classes, reg, cfg, probe, label)
+        fit = kind.fit(ProbeTask(ordered.head(start), targets), reg, cfg, probe, label)
         probe = fit.probe
+        bits = code_bits(probe, _part(ordered, start, end))
+        converged, iterations = fit.convergence["converged"], fit.convergence.get("iterations", 0)
         blocks.append(
-            {
-                "fraction": end / n,
-                "n_rows": end - start,
-                "n_train": start,
-                "bits": code_bits(probe, _part(ordered, start, end)),
-                "converged": bool(fit.convergence["converged"]),
-                "iterations": int(fit.convergence["iterations"]),
-            }
+            CodeBlock(end / n, end - start, start, bits, bool(converged), int(iterations))
         )
-    online = sum(b["bits"] for b in blocks)
+    online = sum(b.bits for b in blocks)
     uniform = n * bits_per_class
-    return {
-        "codelength_bits": online,
-        "uniform_bits": uniform,
-        "compression": uniform / online if online > 0 else float("nan"),
-        "bits_per_token": online / n,
-        "n_tokens": n,
-        "n_dropped": n_dropped,
-        "fractions": [float(f) for f in fractions],
-        "blocks": blocks,
-        "all_converged": all(b["converged"] for b in blocks[1:]),
+    return CodeLength(
+        codelength_bits=online,
+        uniform_bits=uniform,
+        compression=uniform / online if online > 0 else float("nan"),
+        bits_per_token=online / n,
+        n_tokens=n,
+        n_dropped=n_dropped,
+        all_converged=all(bool(b.converged) for b in blocks[1:]),
+        blocks=blocks,
+    )
+
+
+def description_lengths(
+    config: Config,
+    kind: ProbeKind,
+    inputs: Inputs,
+    fitted: Fitted,
+    class_embeddings: torch.Tensor,
+    embedding: torch.Tensor,
+) -> dict[int, tuple[CodeLength, CodeLength]]:
+    """The code length of the input token and of the control task at each layer."""
+    control = control_labels(config, inputs, len(embedding))
+    n_control = config.statistics.control_labels
+    tasks = {
+        "identity": (None, class_embeddings),
+        "control": (control[TRAIN], control_targets(embedding, n_control, config.seed)),
     }
+    out = {}
+    for scores in fitted.scores:
+        layer, train = scores.layer, inputs(TRAIN, scores.layer)
+        codes = []
+        for task, (labels, targets) in tasks.items():
+            rows = train if labels is None else train.with_labels(labels)
+            codes.append(
+                online_codelength(
+                    rows, targets.to(inputs.device), kind, config.reg, config.probe,
+                    seed=config.seed, desc=f"layer {layer} {task} MDL",
+                )
+            )  # fmt: skip
+        out[layer] = (codes[0], codes[1])
+    return out

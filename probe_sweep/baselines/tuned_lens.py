@@ -1,5 +1,5 @@
-"""The lenses side by side: how much of "which token is here" (and "which comes next") a
-read-out trained on the model's own objective keeps, next to the identity probe.
+"""The tuned lens's translator and how a lens is scored on held-out positions (``lenses.py``
+puts the lenses side by side).
 
 - Logit lens (nostalgebraist 2020): the final norm and the unembedding applied to h_l.
 - Tuned lens (Belrose et al. 2023, "Eliciting Latent Predictions from Transformers with the
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from probe_sweep.intervals import SequenceBootstrap
+from probe_sweep.logit_lens import lens_logits
 from probe_sweep.probes.lbfgs import Params
-from probe_sweep.statistics.lens import lens_logits
 
 
 def kl_divergence(target: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
@@ -73,9 +73,6 @@ class TranslatorObjective:
         assert weight.grad is not None and bias.grad is not None
         g_weight = weight.grad / n + 2 * self.l2 * weight.detach()
         return value, (g_weight, bias.grad / n)
-
-
-LENS_ROW_FIELDS = ("logit_lens_next", "tuned_lens_")  # what the per-layer rows get
 
 
 @dataclass

@@ -25,11 +25,11 @@ from probe_sweep.bench.runs import job_args
 from probe_sweep.config import Config
 from probe_sweep.extraction.activations import extract
 from probe_sweep.extraction.data import TEST, TRAIN, VAL, build_corpus
-from probe_sweep.extraction.hidden_states import pick_device
+from probe_sweep.extraction.hidden_states import cache_activations, pick_device
 from probe_sweep.extraction.layers import resolve_layers
 from probe_sweep.extraction.model import inspect_model, load_model, load_tokenizer
-from probe_sweep.fitting.identity import prepare_inputs
 from probe_sweep.fitting.inputs import Inputs
+from probe_sweep.pipeline import prepare
 
 
 @dataclass
@@ -109,9 +109,9 @@ def section_extraction(args: argparse.Namespace, work: Path, out: list[Row]) -> 
     config = dataclasses.replace(
         config, activations=dataclasses.replace(config.activations, cache_dir=str(cache))
     )
-    acts, scorer = prepare_inputs(config, device)
-    split = scorer.inputs.split
-    class_embeddings = acts.embedding[torch.from_numpy(split.classes)].to(device)
+    acts = cache_activations(config, device)
+    split, (model,) = prepare(config, [acts], device)
+    scorer, class_embeddings = model.scorer, model.class_embeddings
     rows = {part: len(split.rows[part]) for part in (TRAIN, VAL, TEST)}
     notes = [
         f"data: {acts.corpus.description}; {rows[TRAIN]}/{rows[VAL]}/{rows[TEST]} "

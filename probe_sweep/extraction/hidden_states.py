@@ -1,5 +1,6 @@
-"""The first stages of a job: check every input, load the model, read the corpus, and cache the
-model's hidden states at the chosen layers (or reuse a verified cache entry).
+"""The first stages of a job: load the model, read the corpus, and cache the model's hidden
+states at the chosen layers (or reuse a verified cache entry); ``labels.py`` then labels and
+splits the corpus.
 
     model.py -> data.py -> activations.py  =>  ``Activations``
 """
@@ -12,14 +13,19 @@ from dataclasses import dataclass
 
 import torch
 
-from probe_sweep.bases import check_basis_config
 from probe_sweep.cache.entry import ActivationStore
 from probe_sweep.config import Config
 from probe_sweep.errors import UserError
 from probe_sweep.extraction.activations import extract
 from probe_sweep.extraction.data import Corpus, build_corpus
 from probe_sweep.extraction.layers import resolve_layers
-from probe_sweep.extraction.model import ModelInfo, inspect_model, load_model, load_tokenizer
+from probe_sweep.extraction.model import (
+    ModelConfig,
+    ModelInfo,
+    inspect_model,
+    load_model,
+    load_tokenizer,
+)
 
 log = logging.getLogger("probe_sweep")
 
@@ -51,15 +57,20 @@ class Activations:
         return self.info.n_layers if self.info.n_layers in self.layers else None
 
 
+def describe_model(cfg: ModelConfig) -> ModelInfo:
+    """The model's shape from its config and tokenizer, without loading its weights."""
+    return inspect_model(cfg, len(load_tokenizer(cfg)))
+
+
 def cache_activations(
     config: Config, device: torch.device, init_seed: int | None = None
 ) -> Activations:
-    """Check every input, then load the model and cache its hidden states (or reuse them).
-    ``init_seed``: the seed of random weights (default: the job's seed)."""
+    """Check the model, layers, corpus and target, then load the model and cache its hidden
+    states (or reuse them). ``init_seed``: the seed of random weights (default: the job's
+    seed)."""
     tokenizer = load_tokenizer(config.model)
     info = inspect_model(config.model, len(tokenizer))
     warn_if_mislabelled(config.model.name, config.model.path)
-    check_basis_config(config.basis, info.d_model)
     layers = resolve_layers(config.layers, info.n_layers)
     corpus = build_corpus(config.data, tokenizer, info.max_positions, config.seed)
     n_content = corpus.targets.shape[1]

@@ -1,4 +1,4 @@
-"""Which layers are probed, and how the pooled probe draws its training rows from them.
+"""Which layers are probed.
 
 Layer 0 is the embedding output; layer l (1..n_layers) the output of block l.
 """
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-
-import numpy as np
 
 from probe_sweep.errors import UserError
 
@@ -47,9 +45,3 @@ def resolve_layers(cfg: LayersConfig, n_layers: int) -> list[int]:
             "(0 = embedding output)"
         )
     return sorted(set(cfg.indices))
-
-
-def pooled_assignment(n_rows: int, layers: list[int], seed: int) -> np.ndarray:
-    """A layer for each row: every layer gets an equal share (up to one row), order seeded."""
-    per_layer = np.resize(np.asarray(layers), n_rows)
-    return np.random.default_rng(seed).permutation(per_layer)

@@ -1,8 +1,8 @@
-"""The identity probes: the cached hidden states split, labelled and put in the basis, one
-probe per layer (or one pooled over layers) fitted to the input token, each scored on held-out
-tokens with intervals over held-out sequences.
+"""The identity probes: one probe per layer (or one pooled over layers) fitted to the input
+token on one model's inputs, each scored on held-out tokens with intervals over held-out
+sequences. The pipeline calls it for the trained model and for the random-init model alike.
 
-    Activations -> inputs.py (split, labels, ``Rows``) + bases.py -> probes.py  =>  ``Fitted``
+    Inputs (``inputs.py``) + the probe kind (``probes/kinds.py``)  =>  ``Fitted``
 """
 
 from __future__ import annotations
@@ -15,68 +15,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe_sweep.bases import build_basis
 from probe_sweep.config import Config
 from probe_sweep.extraction.data import TEST, TRAIN, VAL
-from probe_sweep.extraction.hidden_states import Activations, cache_activations
-from probe_sweep.extraction.layers import LayerMode, pooled_assignment
-from probe_sweep.fitting.inputs import Inputs, split_labels
+from probe_sweep.extraction.layers import LayerMode
+from probe_sweep.fitting.inputs import Inputs
 from probe_sweep.fitting.saved_fits import FitCheckpoint
 from probe_sweep.intervals import SequenceBootstrap
-from probe_sweep.probes.linear import (
-    FitResult,
-    ProbeKind,
-    fit_ridge_probe,
-    fit_softmax_probe,
-    score_probe,
-    summarise,
-    token_scores,
-)
-from probe_sweep.probes.rows import Rows
+from probe_sweep.probes.kinds import ProbeKind, ProbeTask
+from probe_sweep.probes.linear import FitResult, score_probe, summarise, token_scores
+from probe_sweep.results import ProbeScores
 
 log = logging.getLogger("probe_sweep")
-LayerHook = Callable[[int, dict[str, Any]], None]
+LayerHook = Callable[[int, ProbeScores], None]
 
 
-def prepare_inputs(
-    config: Config, device: torch.device, init_seed: int | None = None
-) -> tuple[Activations, Scorer]:
-    """The model's cached hidden states, split and labelled, in the configured basis, with the
-    scorer every probe of this model is scored by."""
-    acts = cache_activations(config, device, init_seed)
-    split = split_labels(
-        acts.corpus, config.probe.classes, acts.info.vocab_size, device, config.target.offset
-    )
-    counts = np.bincount(split.targets[split.rows[TRAIN]], minlength=acts.info.vocab_size)
-    basis = build_basis(config.basis, acts.embedding, counts, config.seed)
-    bootstrap = SequenceBootstrap(split.sequences[TEST], config.statistics.n_bootstrap, config.seed)
-    return acts, Scorer(Inputs(acts.store, basis, split, device), bootstrap)
-
-
-@dataclass
-class ProbeTask:
-    """What one probe is fitted to: the training and validation rows."""
-
-    train: Rows
-    val: Rows
-    n_classes: int
-    class_embeddings: torch.Tensor | None = None  # W_E rows of the classes: the ridge target
-
-
-def fit_probe(
-    config: Config, task: ProbeTask, desc: str, init: FitResult | None = None
-) -> FitResult:
-    """The configured probe at the configured strength. A softmax probe starts from ``init``
-    (the previous layer's probe) where that beats the input-blind start: faster over MiniLM's
-    default job, though slower at its last layer (BENCHMARKS.md, 2026-12-05). The closed-form
-    ridge probe, tried as a start, had a higher objective than zero."""
-    if config.probe.kind is ProbeKind.ridge:
-        assert task.class_embeddings is not None
-        return fit_ridge_probe(
-            task.train, task.class_embeddings, config.reg, task.val, config.probe.path_strengths
-        )
-    start = None if init is None else init.probe
-    return fit_softmax_probe(task.train, task.n_classes, config.reg, config.probe, start, desc)
+def pooled_assignment(n_rows: int, layers: list[int], seed: int) -> np.ndarray:
+    """A layer for each row: every layer gets an equal share (up to one row), order seeded."""
+    per_layer = np.resize(np.asarray(layers), n_rows)
+    return np.random.default_rng(seed).permutation(per_layer)
 
 
 def log_fit(name: str, c: dict[str, Any]) -> None:
@@ -106,41 +62,43 @@ class Scorer:
     inputs: Inputs
     bootstrap: SequenceBootstrap
 
-    def __call__(
-        self,
-        fit: FitResult,
-        layer: int,
-        name: str,
-        labels: dict[int, torch.Tensor] | None = None,
+    def correct(
+        self, fit: FitResult, layer: int, labels: dict[int, torch.Tensor] | None = None
     ) -> tuple[dict[str, Any], np.ndarray]:
-        """The test-split row (reported; validation NLL/top-1 are what tuning may use) and
-        which test tokens the probe got right."""
+        """Test-split means with intervals, and which test tokens the probe got right
+        (``labels``: another task's labels of each part, e.g. the control task's)."""
         split, inputs = self.inputs.split, self.inputs
         labels = split.labels if labels is None else labels
-        frequent = split.frequent[TEST].cpu().numpy()
         tokens = token_scores(fit.probe, inputs(TEST, layer).with_labels(labels[TEST]))
-        val = score_probe(
-            fit.probe, inputs(VAL, layer).with_labels(labels[VAL]), split.frequent[VAL]
+        summary = summarise(tokens, split.frequent[TEST].cpu().numpy(), self.bootstrap)
+        return summary, tokens["correct1"]
+
+    def __call__(self, fit: FitResult, layer: int, name: str) -> tuple[ProbeScores, np.ndarray]:
+        """The identity probe's scores at ``layer``, and which test tokens it got right."""
+        summary, correct = self.correct(fit, layer)
+        split, inputs = self.inputs.split, self.inputs
+        val = score_probe(fit.probe, inputs(VAL, layer), split.frequent[VAL])
+        summary.pop("n_test")
+        scores = ProbeScores(
+            layer=layer, probe=name, val_nll=val["nll"], val_top1=val["top1"], **summary
         )
-        row = {"layer": layer, "probe": name, **summarise(tokens, frequent, self.bootstrap)}
-        row.update(val_nll=val["nll"], val_top1=val["top1"])
-        conv = fit.convergence
-        row.update({k: conv[k] for k in ("iterations", "gap_rel", "converged") if k in conv})
-        return row, tokens["correct1"]
+        return scores, correct
 
 
 @dataclass
 class Fitted:
-    """Probes fitted on one model: by name, the layers each was trained on, the test rows."""
+    """Probes fitted on one model: by name, the layers each was trained on, each layer's scores,
+    and which test tokens the probe scored there got right (paired differences need them)."""
 
     fits: dict[str, FitResult]
     train_layers: dict[str, np.ndarray | int]
-    rows: list[dict[str, Any]]
-    correct: dict[int, np.ndarray]  # layer -> which test tokens the probe scored there got right
+    scores: list[ProbeScores]
+    correct: dict[int, np.ndarray]
 
 
 def fit_identity_probes(
     config: Config,
+    kind: ProbeKind,
     scorer: Scorer,
     layers: list[int],
     class_embeddings: torch.Tensor,
@@ -148,9 +106,11 @@ def fit_identity_probes(
     on_layer: LayerHook | None = None,
     prefix: str = "",
 ) -> Fitted:
-    """One probe per layer (or one pooled probe scored at every layer) for the input token."""
-    inputs, split = scorer.inputs, scorer.inputs.split
-    n_classes = len(split.classes)
+    """One probe per layer (or one pooled probe scored at every layer) for the input token. A
+    probe starts from the previous layer's where that beats the input-blind start: faster over
+    MiniLM's default job, though slower at its last layer (BENCHMARKS.md)."""
+    inputs = scorer.inputs
+    split = inputs.split
     if config.layers.mode is LayerMode.pooled:
         pooled = pooled_assignment(len(split.rows[TRAIN]), layers, config.seed)
         val = pooled_assignment(len(split.rows[VAL]), layers, config.seed + 1)
@@ -161,27 +121,26 @@ def fit_identity_probes(
         names = {layer: f"layer_{layer}" for layer in layers}
         train_layers = val_layers = {name: layer for layer, name in names.items()}
     fits: dict[str, FitResult] = {}
-    previous: FitResult | None = None  # the warm start: the layer before
+    previous: FitResult | None = None
     for name in dict.fromkeys(names.values()):
         task = ProbeTask(
-            inputs(TRAIN, train_layers[name]), inputs(VAL, val_layers[name]), n_classes,
-            class_embeddings,
-        )  # fmt: skip
+            inputs(TRAIN, train_layers[name]), class_embeddings, inputs(VAL, val_layers[name])
+        )
         fits[name] = previous = checkpoint.get_or_fit(
             prefix + name,
-            lambda task=task, name=name, init=previous: fit_probe(
-                config, task, prefix + name, init
+            lambda task=task, name=name, init=previous: kind.fit(
+                task, config.reg, config.probe, None if init is None else init.probe, prefix + name
             ),
-            shape=(n_classes, task.train.d),
+            shape=(task.n_classes, task.train.d),
         )
         log_fit(prefix + name, fits[name].convergence)
-    fitted = Fitted(fits, train_layers, [], {})
+    scores, correct = [], {}
     for layer in layers:
-        row, fitted.correct[layer] = scorer(fits[names[layer]], layer, names[layer])
-        fitted.rows.append(row)
+        layer_scores, correct[layer] = scorer(fits[names[layer]], layer, names[layer])
+        scores.append(layer_scores)
         if on_layer is not None:
-            on_layer(len(fitted.rows) - 1, row)
-    return fitted
+            on_layer(len(scores) - 1, layer_scores)
+    return Fitted(fits, train_layers, scores, correct)
 
 
 def input_covariances(inputs: Inputs, fitted: Fitted) -> dict[str, torch.Tensor]:

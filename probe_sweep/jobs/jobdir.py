@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from probe_sweep.files import read_regular, write_json
+from probe_sweep.results import JobStatistics, LayerResult, build
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ FIT_SUFFIX = ".safetensors"
 
 MAX_METRICS_BYTES = 1 << 30
 MAX_MARKER_BYTES = 1 << 20  # failed.json, skipped.json, tracked.json, wandb_run.json
-SCHEMA_VERSION = 2  # of metrics.json (README); part of every job's content key
+SCHEMA_VERSION = 3  # of metrics.json (README); part of every job's content key
 # The one list of config keys outside a job's identity (its content key, the W&B config hash, the
 # job dir's name): they change where, how fast or how a job is tracked and tuned, not its numbers.
 # ``device`` moves the arithmetic (float rounding, not results); ``tuning`` names the study and
@@ -112,9 +113,9 @@ class JobMetrics:
     counts: dict[str, Any]  # sequences, tokens and types per split
     cache: dict[str, Any]  # the activation cache entry: key, path, reused
     timing_s: dict[str, float]  # seconds per stage
-    layers: list[dict[str, Any]]  # one scored row per layer
+    layers: list[LayerResult]  # everything measured at each layer (``results.py``)
     fits: dict[str, dict[str, Any]]  # each probe's convergence record and history
-    statistics: dict[str, Any]  # nulls, baselines, lenses, MDL, accuracy against k
+    statistics: JobStatistics | None  # null statistics, weight shares, accuracy against k
     ridge_path: dict[str, Any] | None  # validation NLL along the ridge path
     resources: dict[str, Any]  # device and peak memory
     job: dict[str, Any]  # content key, overrides, scheduler ids
@@ -122,8 +123,12 @@ class JobMetrics:
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        """The file's contents, version first."""
+        """The file's contents, version first: a layer is one flat row (``LayerResult.row``),
+        and a job without statistics has an empty ``statistics`` object."""
         sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        sections["layers"] = [layer.row() for layer in self.layers]
+        stats = self.statistics
+        sections["statistics"] = {} if stats is None else dataclasses.asdict(stats)
         return {"schema_version": sections.pop("schema_version"), **sections}
 
     @classmethod
@@ -143,7 +148,10 @@ class JobMetrics:
             if not isinstance(value[name], expected):
                 raise InvalidMetrics(f"section {name!r} is not a JSON {expected.__name__}")
         _check_fields(value)
-        return cls(**value)
+        sections = dict(value)
+        sections["layers"] = [_layer(i, row) for i, row in enumerate(value["layers"])]
+        sections["statistics"] = _statistics(value["statistics"])
+        return cls(**sections)
 
 
 # What readers of metrics.json (report, tracker, tuner, README tables) rely on, by section:
@@ -157,10 +165,6 @@ REQUIRED: dict[str, dict[str, str]] = {
     },
     "cache": {"key": "str", "path": "str", "reused": "bool"},
     "job": {"key": "str", "overrides": "list"},
-}  # fmt: skip
-ROW_REQUIRED = {
-    "layer": "count", "probe": "str", "top1": "number", "top5": "number", "nll": "number",
-    "n_test": "count", "val_nll": "number", "val_top1": "number",
 }  # fmt: skip
 
 
@@ -192,23 +196,31 @@ def _check_fields(value: dict[str, Any]) -> None:
                 raise InvalidMetrics(f"{section}.{name} is not a {kind}")
     if not value["layers"]:
         raise InvalidMetrics("'layers' is empty")
-    for i, row in enumerate(value["layers"]):
-        if not isinstance(row, dict):
-            raise InvalidMetrics(f"layers[{i}] is not a JSON object")
-        for name, kind in ROW_REQUIRED.items():
-            if not _is(row.get(name), kind):
-                raise InvalidMetrics(f"layers[{i}].{name} is not a {kind}")
-        for name, item in row.items():
-            if name not in ROW_REQUIRED and not _scalar(item):
-                raise InvalidMetrics(f"layers[{i}].{name} is not a finite number or interval")
     for name, fit in value["fits"].items():
         if not isinstance(fit, dict):
             raise InvalidMetrics(f"fits.{name} is not a JSON object")
-    for i, entry in enumerate(value["statistics"].get("entries", [])):
+
+
+def _layer(i: int, row: Any) -> LayerResult:
+    try:
+        return LayerResult.from_row(row)
+    except ValueError as exc:
+        raise InvalidMetrics(f"layers[{i}] {exc}") from None
+
+
+def _statistics(value: dict[str, Any]) -> JobStatistics | None:
+    """The statistics section read back (None: the job ran without statistics)."""
+    if not value:
+        return None
+    for i, entry in enumerate(value.get("entries", [])):
         if not (isinstance(entry, dict) and _is(entry.get("name"), "str")):
             raise InvalidMetrics(f"statistics.entries[{i}] has no name")
         if not _scalar(entry.get("observed")):
             raise InvalidMetrics(f"statistics.entries[{i}].observed is not a finite number")
+    try:
+        return build(JobStatistics, value, "statistics.")
+    except (ValueError, TypeError) as exc:
+        raise InvalidMetrics(f"{exc}") from None
 
 
 def write_metrics(out_dir: Path, metrics: JobMetrics) -> None:

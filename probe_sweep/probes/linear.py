@@ -1,8 +1,8 @@
-"""Stage 5: linear probes from a hidden state (in some basis) to the input token, and their scores.
+"""Linear probes from a hidden state (in some basis) to a label, and their scores.
 
-Both probe kinds end as a ``LinearProbe``: logits over a fixed set of classes (token ids).
+Both probe kinds (``kinds.py``) end as a ``LinearProbe``: logits over a fixed set of classes.
 - softmax: a linear classifier fitted to the optimum of its stated objective, mean cross-entropy
-  over the training tokens plus the penalty (``solver.py``: L-BFGS for l2/none, FISTA for l1).
+  over the training tokens plus the penalty (``solver.py``: Newton-CG for l2/none, FISTA for l1).
 - ridge: a closed-form linear map to the token's embedding row, decoded by the nearest row of
   W_E; its logits are the log-likelihood of a Gaussian around each row, so it has an NLL too.
 """
@@ -23,11 +23,6 @@ from probe_sweep.probes import solver
 from probe_sweep.probes.rows import Rows
 
 
-class ProbeKind(Enum):
-    softmax = "softmax"
-    ridge = "ridge"
-
-
 class ClassSet(Enum):
     seen = "seen"
     vocab = "vocab"
@@ -41,19 +36,21 @@ class RegKind(Enum):
 
 @dataclass
 class ProbeConfig:
-    """``classes=seen``: the softmax is over token types seen in training (held-out tokens of
-    other types count as errors); ``vocab``: over the whole vocabulary (types no training token
-    has get probability 0, exactly the optimum's limit, so the cost grows with the types seen).
+    """``kind``: the estimator, a name in ``probes/kinds.py``'s registry. ``classes=seen``: the
+    classes are the token types seen in training (held-out tokens of other types count as
+    errors); ``vocab``: the whole vocabulary (types no training token has get probability 0,
+    exactly the optimum's limit, so the cost grows with the types seen).
 
     A softmax fit stops when its certified relative gap to the optimum, (f - f*) / |f| bounded
     by a duality gap, is at most ``tol`` (without a penalty: the Newton decrement's estimate,
     uncertified), or after ``max_iter`` iterations (Newton for l2/none, FISTA for l1).
     ``chunk_mb`` bounds one chunk of logits; rows and probabilities are kept in memory up to
-    ``memory_mb`` (beyond it the rows stream from the cache each pass). ``path_strengths``: the
-    ridge probe's validation path (metrics.json ``ridge_path``).
+    ``memory_mb`` (beyond it the rows stream from the cache each pass). ``path_strengths``:
+    strengths at which the ridge probe is also scored on validation, from the same
+    decomposition (metrics.json ``ridge_path``); the softmax probe has no path.
     """
 
-    kind: ProbeKind = ProbeKind.softmax
+    kind: str = "softmax"
     classes: ClassSet = ClassSet.seen
     tol: float = 1e-6
     max_iter: int = 1000
@@ -102,21 +99,6 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     map_weight: torch.Tensor | None = None
     path: list[dict[str, float]] = field(default_factory=list)
-
-
-def class_index(classes: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Lookup from token id to class position; -1 for types outside ``classes``."""
-    lookup = np.full(vocab_size, -1, dtype=np.int64)
-    lookup[classes] = np.arange(len(classes))
-    return lookup
-
-
-def frequent_types(train_tokens: np.ndarray, mass: float = 0.5) -> np.ndarray:
-    """The most frequent token types that together cover ``mass`` of the training tokens."""
-    types, counts = np.unique(train_tokens, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    covered = np.cumsum(counts[order]) / counts.sum()
-    return types[order[: int(np.searchsorted(covered, mass)) + 1]]
 
 
 def standardisation(rows: Rows, chunk: int = 65536) -> tuple[torch.Tensor, float]:

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from probe_sweep.files import write_bytes  # noqa: E402
+from probe_sweep.results import LayerResult  # noqa: E402
 
 __all__ = [
     "plot_accuracy_by_layer",
@@ -49,9 +50,10 @@ def _error_bars(values: list[float | None], cis: list[Any]) -> list[list[float]]
     return [lower, upper]
 
 
-def plot_accuracy_by_layer(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_accuracy_by_layer(results: list[LayerResult], path: Path, title: str) -> None:
     """Held-out accuracies against depth, 95% intervals (held-out sequences) as error bars,
-    with the random-init model's top-1 where it was measured."""
+    with the random-init model's and the control task's top-1 where they were measured."""
+    rows = [result.row() for result in results]
     layers = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {

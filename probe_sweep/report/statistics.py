@@ -33,8 +33,9 @@ def _natural_weights(job: JobResult) -> dict[str, np.ndarray]:
 
 def equivariance_lines(jobs: list[JobResult]) -> list[str]:
     """For jobs that differ only in an orthonormal basis, under l2 or no penalty and without
-    truncation, the optimum is the same probe rotated: the largest relative difference of the
-    weights in natural coordinates, and of top-1, from the natural basis's job (or the first)."""
+    truncation, the optimum is the same probe rotated (both kinds standardise by one scalar):
+    the largest relative difference of the weights in natural coordinates, and of top-1, from
+    the natural basis's job (or the first)."""
     groups: dict[str, list[JobResult]] = {}
     for job in jobs:
         config = keyed_content((job.metrics or {}).get("config") or {})
@@ -44,7 +45,6 @@ def equivariance_lines(jobs: list[JobResult]) -> list[str]:
             and basis.get("top_k") is None
             and basis.get("bottom_k") is None
             and (config.get("reg") or {}).get("kind") in ("l2", "none")
-            and (config.get("probe") or {}).get("kind") == "softmax"
         )
         if eligible:
             groups.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(job)

@@ -5,10 +5,10 @@ have failed.
   type-bootstrap intervals and the random-init model's probe as the baseline.
 - ``weight_mass``: the probe's weight on the directions W_E uses least, relative to the hidden
   state's variance there, against random subspaces of the same kind.
-- ``bootstrap``: intervals over held-out sequences for every accuracy (used when scoring).
 - ``lens``: the logit lens's read-out of the input token, and unlikely-token projections.
 
-Functions take tensors and small dataclasses and know nothing of Hydra or of the cache.
+Functions take tensors and small dataclasses, fit nothing, and know nothing of Hydra or of the
+cache; ``job_statistics`` returns its results without touching anyone else's.
 """
 
 from __future__ import annotations
@@ -16,20 +16,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from probe_sweep.statistics.lens import input_token_readout, lens_logits, token_set_projection
+from probe_sweep.logit_lens import lens_logits
+from probe_sweep.results import LogitLensReadout
+from probe_sweep.statistics.lens import input_token_readout, token_set_projection
 from probe_sweep.statistics.similarity import ridge_map_entries, similarity_entries
 from probe_sweep.statistics.weight_mass import column_shares, weight_mass_entries
 
-__all__ = ["JobProbes", "LensInputs", "ProbeSet", "StatisticsConfig", "job_statistics"]
+__all__ = ["JobProbes", "LensInputs", "Measured", "ProbeSet", "StatisticsConfig", "job_statistics"]
 
 
 @dataclass
 class StatisticsConfig:
-    """``n_permutations``: draws per null, whatever it draws (pairing permutations, random
-    subspaces of the same kind, random token sets). ``n_bootstrap``: resamples of held-out
+    """What the statistics stage and the baselines measure. ``n_permutations``: draws per null,
+    whatever it draws (pairing permutations, random subspaces of the same kind, random token
+    sets). ``n_bootstrap``: resamples of held-out
     sequences for accuracy intervals; ``n_bootstrap_types``: resamples of token types for the
     intervals of statistics of the probe matrix. ``subspace_dim``: 0 = CKA / Procrustes at full
     dimension, k = on the top k principal components. ``random_init_baseline``: also fit the
@@ -69,11 +71,6 @@ class StatisticsConfig:
     lens_train_rows: int = 4096
 
 
-def control_task_labels(vocab_size: int, n_labels: int, seed: int) -> np.ndarray:
-    """Hewitt & Liang control task: a fixed random label in 0..n_labels-1 for every token type."""
-    return np.random.default_rng(seed).integers(0, n_labels, size=vocab_size)
-
-
 @dataclass
 class ProbeSet:
     """The fitted probes of one model. ``fits``: probe name -> FitResult; ``encoder`` (d, k):
@@ -101,18 +98,32 @@ class LensInputs:
 
 @dataclass
 class JobProbes:
-    """What the statistics of one job are computed from. ``rows``: the per-layer scores (they
-    get the statistics' per-layer fields); ``null_kind``: "coordinate" or "haar", the random
-    subspaces the basis is compared with; ``random_init``: the same probes on the random-init
-    model; ``control_fits``: identity-probe name -> the control-task probe at that layer."""
+    """What the statistics of one job are computed from. ``top1``: the identity probe's held-out
+    top-1 by layer (the logit lens's read-out is set beside it); ``null_kind``: "coordinate" or
+    "haar", the random subspaces the basis is compared with; ``compared_as``: what the probe
+    kind sets against W_E, its weight rows ("rows") or its map into W_E's space ("map");
+    ``random_init``: the same probes on the random-init model; ``control_fits``: identity-probe
+    name -> the control-task probe at that layer."""
 
     probes: ProbeSet
-    rows: list[dict[str, Any]]
+    top1: dict[int, float]
     embedding: torch.Tensor
     null_kind: str
+    compared_as: str = "rows"
     random_init: ProbeSet | None = None
     control_fits: dict[str, Any] = field(default_factory=dict)
     lens: LensInputs | None = None
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The statistics of one job: every null-tested number (``nulls.null_entry``), each probe's
+    weight share by basis column, the classes used, and the logit lens's read-outs by layer."""
+
+    entries: list[dict[str, Any]]
+    weight_mass: dict[str, Any]
+    classes: dict[str, int]
+    readouts: dict[int, LogitLensReadout]
 
 
 def class_subsample(n_classes: int, most: int, seed: int) -> torch.Tensor | None:
@@ -123,27 +134,27 @@ def class_subsample(n_classes: int, most: int, seed: int) -> torch.Tensor | None
     return torch.randperm(n_classes, generator=generator)[:most].sort().values
 
 
-def job_statistics(job: JobProbes, cfg: StatisticsConfig, seed: int) -> dict[str, Any]:
-    """Every statistic of one job; adds per-layer summaries to ``job.rows`` in place."""
+def job_statistics(job: JobProbes, cfg: StatisticsConfig, seed: int) -> Measured:
+    """Every statistic of one job."""
     entries: list[dict[str, Any]] = []
     masses: dict[str, Any] = {}
     n_classes = len(job.probes.class_embeddings)
     keep = class_subsample(n_classes, cfg.max_classes, seed)
     for name, fit in job.probes.fits.items():
         layer = None if name == "pooled" else int(name.removeprefix("layer_"))
-        found = probe_entries(job, name, fit, layer, cfg, seed, keep)
-        entries += found
-        weight = fit.map_weight if fit.map_weight is not None else fit.probe.weight
-        masses[name] = column_shares(weight.detach().cpu())
-        for row in job.rows:
-            if row["probe"] == name:
-                row.update(row_fields(found))
-    lens: list[dict[str, Any]] = []
+        entries += probe_entries(job, name, fit, layer, cfg, seed, keep)
+        masses[name] = column_shares(read_out(fit, job.compared_as).detach().cpu())
+    readouts: dict[int, LogitLensReadout] = {}
     if job.lens is not None:
-        lens, found = logit_lens_readouts(job.lens, job.rows, job.embedding, cfg, seed)
+        readouts, found = logit_lens_readouts(job.lens, job.top1, job.embedding, cfg, seed)
         entries += found
     classes = {"used": n_classes if keep is None else len(keep), "of": n_classes}
-    return {"entries": entries, "weight_mass": masses, "logit_lens": lens, "classes": classes}
+    return Measured(entries, masses, classes, readouts)
+
+
+def read_out(fit: Any, compared_as: str) -> torch.Tensor:
+    """The matrix of a fit the statistics read: its weight rows, or its map into W_E's space."""
+    return fit.probe.weight if compared_as == "rows" else fit.map_weight
 
 
 def probe_entries(
@@ -162,31 +173,27 @@ def probe_entries(
         rows = rows.detach().double().cpu()
         return rows if keep is None else rows[keep]
 
-    probes, random = job.probes, job.random_init
-    weight = classes(fit.probe.weight)
+    probes, random, rows_kind = job.probes, job.random_init, job.compared_as == "rows"
     encoder = probes.encoder.double().cpu()
-    if fit.map_weight is None:
+    source = classes(fit.probe.weight) if rows_kind else fit.map_weight.detach().double().cpu()
+    mass_baselines = {}
+    if rows_kind:
         baselines = {}
         if random is not None:
             theirs = classes(random.fits[name].probe.weight)
             their_encoder = random.encoder.double().cpu()
             their_embeddings = classes(random.class_embeddings)
             baselines["random_init"] = (theirs @ their_encoder.T, their_embeddings)
+            mass_baselines["random_init"] = (theirs, random.covariances[name])
         entries = similarity_entries(
-            weight @ encoder.T, classes(probes.class_embeddings), layer, baselines,
+            source @ encoder.T, classes(probes.class_embeddings), layer, baselines,
             cfg.n_permutations, cfg.n_bootstrap_types, cfg.subspace_dim, seed,
         )  # fmt: skip
-        source = weight
     else:
-        source = fit.map_weight.detach().double().cpu()
         map_natural = encoder @ source.T  # (d_in, d_emb): row-vector h -> embedding space
         entries = ridge_map_entries(map_natural, job.embedding, layer, cfg.n_permutations, seed)
-    mass_baselines = {}
-    if random is not None and fit.map_weight is None:
-        theirs = classes(random.fits[name].probe.weight)
-        mass_baselines["random_init"] = (theirs, random.covariances[name])
     if name in job.control_fits:
-        control = job.control_fits[name].probe.weight
+        control = read_out(job.control_fits[name], job.compared_as)
         mass_baselines["control_task"] = (control, probes.covariances[name])
     entries += weight_mass_entries(
         source, probes.covariances[name], job.null_kind, layer, mass_baselines,
@@ -195,109 +202,31 @@ def probe_entries(
     return entries
 
 
-def row_fields(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-layer summaries of a probe's entries: value, interval, p and baselines."""
-    row: dict[str, Any] = {}
-    for e in entries:
-        name = e["name"]
-        row[name] = e["observed"]
-        if e.get("ci") is not None:
-            row[f"{name}_ci"] = e["ci"]
-        if "p" in e:
-            row[f"{name}_p"] = e["p"]
-        for baseline, b in (e.get("baselines") or {}).items():
-            row[f"{name}_{baseline}"] = b["observed"]
-            row[f"{name}_minus_{baseline}"] = b["difference"]
-            row[f"{name}_minus_{baseline}_ci"] = b["difference_ci"]
-    return row
-
-
 def logit_lens_readouts(
     lens: LensInputs,
-    rows: list[dict[str, Any]],
+    top1: dict[int, float],
     embedding: torch.Tensor,
     cfg: StatisticsConfig,
     seed: int,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[dict[int, LogitLensReadout], list[dict[str, Any]]]:
     """Per layer: the logit lens's read-out of the input token, and the projection of the
     hidden state on the embeddings of tokens the final layer ranks lowest / highest."""
     final_logits = None
     if lens.final_layer is not None:
         final_hidden = lens.hidden[lens.final_layer]
         final_logits = lens_logits(final_hidden, lens.unembedding, lens.final_norm, False)
-    readouts, entries = [], []
-    for row in rows:
-        layer = row["layer"]
+    readouts, entries = {}, []
+    for layer, probe_top1 in top1.items():
         hidden = lens.hidden[layer]
         logits = lens_logits(hidden, lens.unembedding, lens.final_norm, layer != lens.final_layer)
-        readout = {"layer": layer, **input_token_readout(logits, lens.targets)}
+        readout = input_token_readout(logits, lens.targets)
+        projections: dict[str, float] = {}
         if final_logits is not None:
-            values, found = token_set_projection(
+            projections, found = token_set_projection(
                 hidden, embedding, final_logits, cfg.unlikely_k, layer, cfg.n_permutations, seed
             )
-            readout.update(values)
             entries += found
-        readout["probe_minus_lens_top1"] = row["top1"] - readout["lens_input_top1"]
-        row.update({k: v for k, v in readout.items() if k != "layer"})
-        readouts.append(readout)
-    return readouts, entries
-
-
-def _ci(ci: list[float | None] | None) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else ""
-
-
-def format_entries(entries: list[dict[str, Any]]) -> str:
-    """A fixed-width console table: value [95% CI], null mean [central 95%], p (its floor is
-    1/(1+draws)), and the difference from each baseline [95% CI]."""
-    head = f"{'statistic':>31} {'layer':>5} {'observed [95% CI]':>28} {'null [95%]':>28} {'p':>7}"
-    lines = [head + "  baselines: difference [95% CI]"]
-    for e in entries:
-        layer = "all" if e["layer"] is None else str(e["layer"])
-        observed = f"{e['observed']:.4f} {_ci(e.get('ci'))}"
-        null = f"{e['null_mean']:.4f} {_ci(e['null_range'])}" if e.get("null_mean") else "-"
-        p = e.get("p")
-        p_text = "-" if p is None else (f"<={p:.4f}" if p <= e["p_floor"] else f"{p:.4f}")
-        diffs = "  ".join(
-            f"{name} {b['difference']:+.4f} {_ci(b['difference_ci'])}"
-            for name, b in (e.get("baselines") or {}).items()
+        readouts[layer] = LogitLensReadout(
+            **readout, probe_minus_lens_top1=probe_top1 - readout["lens_input_top1"], **projections
         )
-        lines.append(f"{e['name']:>31} {layer:>5} {observed:>28} {null:>28} {p_text:>7}  {diffs}")
-    return "\n".join(lines)
-
-
-LAYER_FIELDS = [
-    "top1",
-    "random_init_top1",
-    "control_top1",
-    "selectivity",
-    "lens_input_top1",
-    "lens_input_median_rank",
-    "probe_minus_lens_top1",
-    "lens_probe_top1",
-    "hidden_minus_lens_probe_top1",
-    "proj_unlikely",
-    "proj_likely",
-    "proj_random",
-    "logit_lens_next_top1",
-    "tuned_lens_top1",
-    "tuned_lens_next_top1",
-    "mdl_compression",
-    "control_mdl_compression",
-]
-
-
-def format_layers(rows: list[dict[str, Any]]) -> str:
-    """Per-layer baseline / control / logit-lens fields that are present, with intervals."""
-    columns = ["layer"] + [c for c in LAYER_FIELDS if any(c in r for r in rows)]
-    lines = ["  ".join(f"{c[:22]:>22}" for c in columns)]
-    for row in rows:
-        cells = []
-        for c in columns:
-            value, ci = row.get(c), row.get(f"{c}_ci")
-            text = f"{value:.4f}" if isinstance(value, float) else str(value)
-            if ci and ci[0] is not None:
-                text += f" ±{(ci[1] - ci[0]) / 2:.3f}"
-            cells.append(f"{text:>22}")
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    return readouts, entries

@@ -11,21 +11,6 @@ import torch
 from probe_sweep.statistics.nulls import null_entry
 
 
-def lens_logits(
-    hidden: torch.Tensor,
-    unembedding: torch.Tensor,
-    final_norm: torch.nn.Module | None,
-    apply_norm: bool,
-) -> torch.Tensor:
-    """Logit lens: ``final_norm(h) @ U^T`` (the norm is skipped where HF already applied it).
-    Differentiable in ``hidden`` (the tuned lens trains through it); the model's own weights
-    never require a gradient. Computed in float32, or in float64 for float64 states."""
-    h = hidden if hidden.dtype == torch.float64 else hidden.float()
-    if apply_norm and final_norm is not None:
-        h = final_norm.to(h.device, h.dtype)(h)
-    return h @ unembedding.to(h.device, h.dtype).T
-
-
 @torch.no_grad()
 def input_token_readout(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Rank (1 = top) and probability of the input token under logit-lens logits (N, V)."""

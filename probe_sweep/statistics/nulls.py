@@ -9,28 +9,12 @@ Gaussian z is given, since nothing supports extrapolating a normal tail past the
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
-LEVEL = 0.95
-
-
-def finite(x: Any) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def interval(draws: np.ndarray | torch.Tensor) -> list[float | None]:
-    """The central 95% of bootstrap draws."""
-    values = np.asarray(draws, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return [None, None]
-    lo, hi = np.quantile(values, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return [float(lo), float(hi)]
+from probe_sweep.intervals import finite, interval
 
 
 def null_entry(

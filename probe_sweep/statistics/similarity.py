@@ -148,7 +148,7 @@ def ridge_map_entries(
     |M| on the diagonal; null: permuted output coordinates) and against W_E's principal
     subspace (energy of M's outputs in W_E's top d/2 principal directions; null: Haar-random
     d/2-dimensional subspaces)."""
-    from probe_sweep.statistics.weight_mass import haar_frames
+    from probe_sweep.subspaces import haar_frames
 
     m = map_natural.double()
     d = m.shape[0]

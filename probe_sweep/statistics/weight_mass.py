@@ -17,15 +17,13 @@ it is as good (PCA, frequency, random). Intervals come from half-samples of the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from probe_sweep.statistics.nulls import centred_interval, half_samples, null_entry
-
-COORDINATE, HAAR = "coordinate", "haar"
+from probe_sweep.subspaces import COORDINATE, coordinate_subsets, haar_frames
 
 
 def column_shares(weight: torch.Tensor) -> dict[str, Any]:
@@ -33,23 +31,6 @@ def column_shares(weight: torch.Tensor) -> dict[str, Any]:
     energy = weight.double().pow(2).sum(0)
     share = energy / energy.sum().clamp_min(1e-300)
     return {"share": share.tolist(), "cumulative": share.cumsum(0).tolist()}
-
-
-def haar_frames(
-    k: int, dim: int, n_draws: int, seed: int, batch: int = 50
-) -> Iterator[torch.Tensor]:
-    """Seeded orthonormal frames (batch, k, dim) spanning Haar-random ``dim``-subspaces of R^k."""
-    gen = torch.Generator().manual_seed(seed)
-    for start in range(0, n_draws, batch):
-        size = min(batch, n_draws - start)
-        q, _ = torch.linalg.qr(torch.randn(size, k, dim, generator=gen, dtype=torch.float64))
-        yield q
-
-
-def coordinate_subsets(k: int, dim: int, n_draws: int, seed: int) -> torch.Tensor:
-    """Seeded random ``dim``-subsets of ``range(k)``, one per row."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.argsort(torch.rand(n_draws, k, generator=gen), dim=1)[:, :dim]
 
 
 def null_ratios(

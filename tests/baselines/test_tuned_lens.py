@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from probe_sweep.baselines.tuned_lens import TranslatorObjective
-from probe_sweep.statistics.lens import lens_logits
+from probe_sweep.logit_lens import lens_logits
 from tests.conftest import TINY, run_cli
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from probe_sweep.extraction.data import TEST, TRAIN, VAL, Corpus
-from probe_sweep.fitting.inputs import split_labels
+from probe_sweep.extraction.labels import split_labels
 from probe_sweep.probes.linear import (
     ClassSet,
     ProbeConfig,

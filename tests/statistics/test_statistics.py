@@ -14,8 +14,9 @@ import torch
 
 from probe_sweep.bases import random_orthogonal
 from probe_sweep.intervals import SequenceBootstrap
+from probe_sweep.logit_lens import lens_logits
 from probe_sweep.statistics import control_task_labels
-from probe_sweep.statistics.lens import input_token_readout, lens_logits, token_set_projection
+from probe_sweep.statistics.lens import input_token_readout, token_set_projection
 from probe_sweep.statistics.nulls import half_samples, null_entry
 from probe_sweep.statistics.similarity import (
     permutation_nulls,
@@ -23,7 +24,8 @@ from probe_sweep.statistics.similarity import (
     similarity_entries,
     weighted_similarities,
 )
-from probe_sweep.statistics.weight_mass import COORDINATE, HAAR, null_ratios, weight_mass_entries
+from probe_sweep.statistics.weight_mass import null_ratios, weight_mass_entries
+from probe_sweep.subspaces import COORDINATE, HAAR
 from tests.conftest import TINY, run_cli
 
 C, D = 300, 24

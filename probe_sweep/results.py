@@ -1,0 +1,315 @@
+"""Typed results: what each stage of a job finds at each layer, and the checks that read them
+back from metrics.json.
+
+Each stage returns its own part, frozen: the identity probe's scores (fitting), the control
+task, the random-init model, the lens probe, the lens comparison and the code lengths
+(baselines), the logit lens's read-outs (statistics). ``LayerResult`` puts one layer's parts side
+by side; nobody edits a part afterwards. A metrics.json row is ``LayerResult.row()``, every
+part's fields flat under the names the README lists, and ``LayerResult.from_row`` reads one back,
+checking each field against its type here. These dataclasses are the one list of what a row
+holds: the tables, plots, tuner and report read their fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+Interval = list[float | None]  # a 95% interval [low, high]; None where no draw was finite
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProbeScores:
+    """The identity probe on held-out tokens: test-split scores with intervals over held-out
+    sequences (the split the README reports), validation NLL and top-1 (what tuning may use).
+    ``n_unseen``: test tokens without an NLL (their type is not a class, or no training token
+    had it); they count as errors in top-1 and top-5."""
+
+    layer: int
+    probe: str
+    top1: float
+    top5: float
+    nll: float
+    val_nll: float
+    val_top1: float
+    n_unseen: int
+    top1_ci: Interval | None = None
+    top5_ci: Interval | None = None
+    nll_ci: Interval | None = None
+    top1_frequent: float | None = None
+    top1_frequent_ci: Interval | None = None
+    top1_rare: float | None = None
+    top1_rare_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
+class ControlScores:
+    """The control task (Hewitt & Liang 2019) at this layer: top-1 of the same kind of probe on
+    a fixed random label per type, and selectivity, identity minus control top-1 (paired)."""
+
+    control_top1: float
+    selectivity: float
+    control_top1_ci: Interval | None = None
+    selectivity_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
+class RandomInitScores:
+    """The same probe on the same tokens of the same architecture with random weights."""
+
+    random_init_top1: float
+    top1_minus_random_init: float
+    random_init_top1_ci: Interval | None = None
+    top1_minus_random_init_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
+class LensProbeScores:
+    """The identity probe fed the logit lens's log-probabilities of the classes instead of the
+    hidden state (is the input token in the model's own guess?), against the hidden state."""
+
+    lens_probe_top1: float
+    hidden_minus_lens_probe_top1: float
+    hidden_minus_lens_probe_top1_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
+class LogitLensReadout:
+    """The logit lens's read-out of the input token (rank 1 = top), and, where the final layer
+    was extracted, the mean cosine of the hidden state with the embeddings of the tokens the
+    final layer ranks lowest, highest, and of random tokens."""
+
+    lens_input_top1: float
+    lens_input_median_rank: float
+    lens_input_mean_log_rank: float
+    lens_input_prob: float
+    probe_minus_lens_top1: float
+    proj_unlikely: float | None = None
+    proj_likely: float | None = None
+    proj_random: float | None = None
+
+
+@dataclass(frozen=True)
+class LensComparison:
+    """The logit lens and a tuned lens (Belrose et al. 2023) side by side: top-1 of the current
+    and of the next token, and mean KL(final layer || lens)."""
+
+    logit_lens_top1: float | None
+    logit_lens_next_top1: float | None
+    logit_lens_kl: float
+    tuned_lens_top1: float | None
+    tuned_lens_next_top1: float | None
+    tuned_lens_kl: float
+    tuned_lens_converged: bool
+    tuned_lens_iterations: int
+    logit_lens_top1_ci: Interval | None = None
+    logit_lens_next_top1_ci: Interval | None = None
+    tuned_lens_top1_ci: Interval | None = None
+    tuned_lens_next_top1_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
+class CodeBlock:
+    """One block of the online code: its rows, the rows its probe was trained on (0: the
+    uniform code), its bits, and whether that probe converged (None: no probe)."""
+
+    fraction: float
+    n_rows: int
+    n_train: int
+    bits: float
+    converged: bool | None
+    iterations: int
+
+
+@dataclass(frozen=True)
+class CodeLength:
+    """The online code length (Voita & Titov 2020) of a task's labels given the hidden state:
+    total bits, the uniform code's, their ratio (compression), per token, and by block."""
+
+    codelength_bits: float
+    uniform_bits: float
+    compression: float
+    bits_per_token: float
+    n_tokens: int
+    n_dropped: int
+    all_converged: bool
+    blocks: list[CodeBlock] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Everything measured at one layer; a part is None when its stage did not run. The
+    ``prefix`` of a part names its fields in a row (the two code lengths share a type)."""
+
+    scores: ProbeScores
+    control: ControlScores | None = None
+    random_init: RandomInitScores | None = None
+    lens_probe: LensProbeScores | None = None
+    logit_lens: LogitLensReadout | None = None
+    lenses: LensComparison | None = None
+    mdl: CodeLength | None = field(default=None, metadata={"prefix": "mdl_"})
+    control_mdl: CodeLength | None = field(default=None, metadata={"prefix": "control_mdl_"})
+
+    @property
+    def layer(self) -> int:
+        return self.scores.layer
+
+    def row(self) -> dict[str, Any]:
+        """The metrics.json row: every part's fields, flat; a missing value is left out."""
+        out: dict[str, Any] = {}
+        for part in dataclasses.fields(self):
+            value = getattr(self, part.name)
+            if value is not None:
+                prefix = part.metadata.get("prefix", "")
+                flat = dataclasses.asdict(value).items()
+                out.update({prefix + k: v for k, v in flat if v is not None})
+        return out
+
+    @classmethod
+    def from_row(cls, row: Any) -> LayerResult:
+        """A row read back, checked against the fields above (``ValueError`` naming the first
+        field that is unknown, missing or of the wrong type)."""
+        if not isinstance(row, dict):
+            raise ValueError("is not a JSON object")
+        unknown = sorted(set(row) - set(ROW_FIELDS))
+        if unknown:
+            raise ValueError(f"has an unknown field {unknown[0]!r}")
+        parts: dict[str, Any] = {}
+        for part in dataclasses.fields(cls):
+            prefix = part.metadata.get("prefix", "")
+            kind = part_type(cls, part.name)
+            names = {f.name for f in dataclasses.fields(kind)}
+            given = {name: row[prefix + name] for name in names if prefix + name in row}
+            if given or part.name == "scores":
+                parts[part.name] = build(kind, given, prefix)
+        return cls(**parts)
+
+
+def part_type(cls: type, name: str) -> type:
+    """The dataclass a field holds (``X | None`` -> X)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def build(kind: type[T], given: dict[str, Any], prefix: str = "") -> T:
+    """A ``kind`` dataclass from JSON values, each checked against its field's type."""
+    hints = typing.get_type_hints(kind)
+    unknown = sorted(set(given) - set(hints))
+    if unknown:
+        raise ValueError(f"has an unknown field {prefix + unknown[0]!r}")
+    for f in dataclasses.fields(kind):  # type: ignore[arg-type]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in given:
+            if required:
+                raise ValueError(f"has no {prefix + f.name}")
+            continue
+        if not _is(given[f.name], hints[f.name]):
+            raise ValueError(f"{prefix + f.name} is not a {_describe(hints[f.name])}")
+    values = {name: _convert(value, hints[name]) for name, value in given.items()}
+    return kind(**values)
+
+
+def _is(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type: numbers finite, intervals pairs."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if hint in (int, bool, str):
+        return type(value) is hint
+    if hint == Interval:
+        return (
+            isinstance(value, list) and len(value) == 2 and all(_is(v, float | None) for v in value)
+        )
+    if hint is Any:
+        return True
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin is list and dataclasses.is_dataclass(args[0]):
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is list:
+        return isinstance(value, list) and all(_is(v, args[0]) for v in value)
+    raise TypeError(f"no check for {hint}")
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if not isinstance(value, dict):
+        return False
+    try:
+        build(kind, value)
+    except ValueError:
+        return False
+    return True
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
+        return [build(args[0], v) for v in value]
+    return value
+
+
+NAMES = {float: "finite number", int: "whole number", bool: "true or false", str: "string"}
+
+
+def _describe(hint: Any) -> str:
+    """A field's type in words, for the error that names it."""
+    if hint in (Interval, Interval | None):
+        return "interval [low, high]"
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and len(args) == 1:
+        return f"{_describe(args[0])} or null"
+    if typing.get_origin(hint) is list:
+        return f"list of {getattr(args[0], '__name__', args[0])}"
+    return NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+ROW_FIELDS: dict[str, str] = {
+    part.metadata.get("prefix", "") + f.name: part.name
+    for part in dataclasses.fields(LayerResult)
+    for f in dataclasses.fields(part_type(LayerResult, part.name))
+}  # flat name in a row -> the part that owns it
+assert len(ROW_FIELDS) == sum(
+    len(dataclasses.fields(part_type(LayerResult, p.name))) for p in dataclasses.fields(LayerResult)
+), "two parts of a layer's result give a row field the same name"
+
+
+def fields_of(kind: type) -> list[str]:
+    """The value fields of a part, without their intervals: what a table shows."""
+    return [f.name for f in dataclasses.fields(kind) if not f.name.endswith("_ci")]
+
+
+@dataclass(frozen=True)
+class KPoint:
+    """Held-out top-1 of a probe on k directions of the basis: the top-k, the bottom-k, or a
+    random k of the same kind (``seed``: which draw)."""
+
+    layer: int
+    k: int
+    kind: str
+    seed: int | None
+    top1: float
+    converged: bool
+    top1_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
+class JobStatistics:
+    """metrics.json ``statistics``: every null-tested number (``statistics/nulls.py``'s
+    entries), each probe's weight share by basis column, the classes the probe-matrix
+    statistics used, the basis, and accuracy against k."""
+
+    entries: list[dict[str, Any]]
+    weight_mass: dict[str, Any]
+    classes: dict[str, int]
+    basis: dict[str, Any]
+    accuracy_vs_k: list[KPoint] = field(default_factory=list)
