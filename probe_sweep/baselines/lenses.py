@@ -13,7 +13,7 @@ from probe_sweep.baselines.tuned_lens import LensTargets, TranslatorObjective
 from probe_sweep.config import Config
 from probe_sweep.extraction.data import TEST, TRAIN
 from probe_sweep.extraction.hidden_states import Activations
-from probe_sweep.extraction.labels import Split, shifted_targets
+from probe_sweep.extraction.labels import Split
 from probe_sweep.fitting.identity import log_fit
 from probe_sweep.fitting.inputs import read_rows
 from probe_sweep.intervals import SequenceBootstrap
@@ -40,7 +40,7 @@ def compare_lenses(
     stats_cfg = config.statistics
     train = split.rows[TRAIN][: stats_cfg.lens_train_rows]
     test, sequences = split.rows[TEST][: stats_cfg.lens_rows], split.sequences[TEST]
-    following, has_next = shifted_targets(acts.corpus.targets, 1)
+    following, has_next = acts.corpus.shifted_targets(1)
     final_logits = lens_logits(read_rows(acts.store, final, test), unembedding, None, False)
     held_out = LensTargets.of(
         test, acts.corpus.targets.reshape(-1), following, has_next,

@@ -62,6 +62,18 @@ class Corpus:
         """Token ids at content positions, (n_seq, n_content)."""
         return self.input_ids[:, self.content]
 
+    def shifted_targets(self, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """The token ``offset`` content positions on from each position of each sequence,
+        flattened, and where there is one (``|offset| < n_content``, checked with the config)."""
+        grid = self.targets
+        n = grid.shape[1]
+        shifted, inside = np.zeros_like(grid), np.zeros(grid.shape, dtype=bool)
+        if offset >= 0:
+            shifted[:, : n - offset], inside[:, : n - offset] = grid[:, offset:], True
+        else:
+            shifted[:, -offset:], inside[:, -offset:] = grid[:, : n + offset], True
+        return shifted.reshape(-1), inside.reshape(-1)
+
     def rows(self, part: int) -> np.ndarray:
         """Indices of the flattened content tokens that belong to split ``part``."""
         n_content = int(self.content.sum())

@@ -54,18 +54,6 @@ class Split:
     n_outside: int  # positions left out: their target lies outside the sequence
 
 
-def shifted_targets(grid: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """The token ``offset`` positions on from each position of each sequence (n_seq, n),
-    flattened, and where there is one (``|offset| < n``, checked with the config)."""
-    n = grid.shape[1]
-    shifted, inside = np.zeros_like(grid), np.zeros(grid.shape, dtype=bool)
-    if offset >= 0:
-        shifted[:, : n - offset], inside[:, : n - offset] = grid[:, offset:], True
-    else:
-        shifted[:, -offset:], inside[:, -offset:] = grid[:, : n + offset], True
-    return shifted.reshape(-1), inside.reshape(-1)
-
-
 def split_labels(
     corpus: Corpus,
     probe_classes: ClassSet,
@@ -75,7 +63,7 @@ def split_labels(
 ) -> Split:
     """Labels of every part (the token ``offset`` positions on); the classes are the types seen
     in training, or the vocabulary."""
-    targets, inside = shifted_targets(corpus.targets, offset)
+    targets, inside = corpus.shifted_targets(offset)
     every = {part: corpus.rows(part) for part in (TRAIN, VAL, TEST)}
     rows = {part: r[inside[r]] for part, r in every.items()}
     train_tokens = targets[rows[TRAIN]]
