@@ -178,7 +178,7 @@ class LayerResult:
             raise ValueError("is not a JSON object")
         unknown = sorted(set(row) - set(ROW_FIELDS))
         if unknown:
-            raise ValueError(f"has an unknown field {unknown[0]!r}")
+            raise ValueError(f"{unknown[0]} is not a field")
         parts: dict[str, Any] = {}
         for part in dataclasses.fields(cls):
             prefix = part.metadata.get("prefix", "")
@@ -202,12 +202,12 @@ def build(kind: type[T], given: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(kind)
     unknown = sorted(set(given) - set(hints))
     if unknown:
-        raise ValueError(f"has an unknown field {prefix + unknown[0]!r}")
+        raise ValueError(f"{prefix + unknown[0]} is not a field")
     for f in dataclasses.fields(kind):  # type: ignore[arg-type]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if f.name not in given:
             if required:
-                raise ValueError(f"has no {prefix + f.name}")
+                raise ValueError(f"{prefix + f.name} is missing")
             continue
         if not _is(given[f.name], hints[f.name]):
             raise ValueError(f"{prefix + f.name} is not a {_describe(hints[f.name])}")

@@ -26,6 +26,7 @@ import torch
 
 from probe_sweep import files
 from probe_sweep.report import plots
+from probe_sweep.results import LayerResult
 
 DATA = Path(__file__).parent / "data"
 SAMPLES = {True: DATA / "metrics_tiny.json", False: DATA / "metrics_tiny_no_statistics.json"}
@@ -59,7 +60,6 @@ def fake_job(
     stats = metrics["statistics"]
     if stats:
         stats["entries"] = [e for e in stats["entries"] if e["layer"] in layers]
-        stats["logit_lens"] = [r for r in stats["logit_lens"] if r["layer"] in layers]
         stats["weight_mass"] = {k: v for k, v in stats["weight_mass"].items() if k in probes}
         stats["basis"]["name"] = basis
     metrics["probe"]["basis"] = metrics["config"]["basis"]["kind"] = basis
@@ -74,7 +74,8 @@ def fake_job(
         tensors[f"{name}.mean"] = torch.zeros(d)
         tensors[f"{name}.scale"] = torch.tensor(1.0)
     files.write_tensors(out_dir / "probes.safetensors", tensors, {"basis": basis})
-    plots.plot_accuracy_by_layer(rows, out_dir / "accuracy_by_layer.png", "test")
+    results = [LayerResult.from_row(row) for row in rows]
+    plots.plot_accuracy_by_layer(results, out_dir / "accuracy_by_layer.png", "test")
     files.write_json(out_dir / "metrics.json", metrics)
     return metrics
 

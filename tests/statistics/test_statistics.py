@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from probe_sweep.baselines.control import control_task_labels
 from probe_sweep.bases import random_orthogonal
 from probe_sweep.intervals import SequenceBootstrap
 from probe_sweep.logit_lens import lens_logits
-from probe_sweep.statistics import control_task_labels
 from probe_sweep.statistics.lens import input_token_readout, token_set_projection
 from probe_sweep.statistics.nulls import half_samples, null_entry
 from probe_sweep.statistics.similarity import (
@@ -305,9 +305,8 @@ def test_a_baseline_in_its_own_basis_is_read_in_that_basis() -> None:
     cov = {"layer_0": covariance(D, 0)}
     ours = ProbeSet({"layer_0": fit(probe)}, torch.eye(D), emb, cov)
     theirs = ProbeSet({"layer_0": fit(probe @ permuted)}, permuted, emb, cov)
-    rows = [{"layer": 0, "probe": "layer_0", "top1": 1.0}]
-    job = JobProbes(ours, rows, emb, COORDINATE, random_init=theirs)
+    job = JobProbes(ours, {0: 1.0}, emb, COORDINATE, random_init=theirs)
     cfg = StatisticsConfig(n_permutations=20, n_bootstrap_types=20)
-    found = by_name(job_statistics(job, cfg, 0)["entries"])
+    found = by_name(job_statistics(job, cfg, 0).entries)
     for name in ("probe_embedding_cosine", "probe_embedding_cka"):
         assert found[name]["baselines"]["random_init"]["difference"] == pytest.approx(0, abs=1e-9)

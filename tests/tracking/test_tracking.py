@@ -117,7 +117,7 @@ def test_a_job_is_one_run_with_everything_logged(tmp_path: Path, fake: FakeWandb
     by_layer = run.rows_with("by_layer/top1")
     assert [(r["layer"], r["by_layer/top1"]) for r in by_layer] == [(0, 0.9), (1, 0.8), (2, 0.6)]
     assert by_layer[1]["by_layer/nll"] == metrics["layers"][1]["nll"]
-    assert by_layer[1]["by_layer/n_test"] == metrics["layers"][1]["n_test"]
+    assert by_layer[1]["by_layer/n_unseen"] == metrics["layers"][1]["n_unseen"]
     for absent in ("top1_ci", "probe", "converged"):
         assert f"by_layer/{absent}" not in by_layer[0]
     # The null statistics of a layer are curves on the same axis; one without a null is not.
