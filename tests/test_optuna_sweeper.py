@@ -35,6 +35,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from probe_sweep.jobs.jobdir import JobMetrics, write_metrics
+from probe_sweep.results import LayerResult, ProbeScores
 from probe_sweep.tuning import TuningConfig, trial_reporter
 
 
@@ -47,11 +48,11 @@ def main(cfg) -> float:
     time.sleep(cfg.sleep)
     report = trial_reporter(TuningConfig(**cfg.tuning))
     loss = (math.log10(cfg.x) + 3.0) ** 2
-    for step in range(3):
-        report(step, {"layer": step, "val_nll": loss})
-    score = {"probe": "toy", "top1": 0.5, "top5": 0.5, "nll": loss, "n_test": 1, "val_top1": 0.5}
-    rows = [{"layer": step, "val_nll": loss, **score} for step in range(3)]
-    sections = dict.fromkeys(("counts", "timing_s", "fits", "statistics", "resources", "config"))
+    scores = [ProbeScores(step, "toy", 0.5, 0.5, loss, loss, 0.5, 0) for step in range(3)]
+    for step, layer in enumerate(scores):
+        report(step, layer)
+    rows = [LayerResult(layer) for layer in scores]
+    sections = dict.fromkeys(("counts", "timing_s", "fits", "resources", "config"))
     sections = {name: {} for name in sections}
     model = {"name": "toy", "n_layers": 2, "d_model": 1, "vocab_size": 1}
     probe = {"kind": "toy", "layers": "each", "basis": "natural", "reg": "l2", "strength": cfg.x,
@@ -59,7 +60,7 @@ def main(cfg) -> float:
              "all_converged": True}
     cache, job = {"key": "toy", "path": "toy", "reused": False}, {"key": "toy", "overrides": []}
     write_metrics(out, JobMetrics(model=model, probe=probe, cache=cache, job=job, layers=rows,
-                                  ridge_path=None, **sections))
+                                  statistics=None, ridge_path=None, **sections))
     shutil.rmtree(out / ".fits")  # as a job does once its results are written
     return loss
 
