@@ -33,8 +33,10 @@ def diff(entry: dict[str, Any], baseline: str) -> str:
     return "-" if b is None else f"{b['observed']:.3f} ({ci(b['difference'], b['difference_ci'])})"
 
 
-def shares(row: dict[str, Any]) -> str:
-    return f"{row['weight_share_bottom_half']:.3f} / {row['variance_share_bottom_half']:.3f}"
+def shares(found: dict[tuple[str, int | None], dict[str, Any]], layer: int) -> str:
+    weight = found[("weight_share_bottom_half", layer)]["observed"]
+    variance = found[("variance_share_bottom_half", layer)]["observed"]
+    return f"{weight:.3f} / {variance:.3f}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -64,7 +66,7 @@ def layers_table(metrics: dict[str, Any]) -> str:
                 ci(row.get("top1_minus_random_init"), row.get("top1_minus_random_init_ci")),
                 ci(row.get("control_top1"), row.get("control_top1_ci")),
                 ci(row.get("selectivity"), row.get("selectivity_ci")),
-                gap_cell(row),
+                gap_cell(metrics["fits"][row["probe"]]),
             ]
         )
         cells = [str(layer)]
@@ -74,7 +76,7 @@ def layers_table(metrics: dict[str, Any]) -> str:
         similarity.append(cells)
         ratio = found[("weight_to_variance_bottom_half", layer)]
         mass.append(
-            [str(layer), shares(row), ratio_cell(ratio), diff(ratio, "random_init"),
+            [str(layer), shares(found, layer), ratio_cell(ratio), diff(ratio, "random_init"),
              diff(ratio, "control_task")]
         )  # fmt: skip
     return "\n\n".join(
@@ -98,12 +100,12 @@ def layers_table(metrics: dict[str, Any]) -> str:
     )  # fmt: skip
 
 
-def gap_cell(row: dict[str, Any]) -> str:
+def gap_cell(fit: dict[str, Any]) -> str:
     """The fit's relative gap to its optimum, and whether it met its tolerance."""
-    gap = row.get("gap_rel")
+    gap = fit.get("gap_rel")
     if gap is None:
-        return "closed form" if row.get("converged") else "n/a"
-    return f"{gap:.1e}" + ("" if row.get("converged") else " (NOT converged)")
+        return "closed form" if fit.get("converged") else "n/a"
+    return f"{gap:.1e}" + ("" if fit.get("converged") else " (NOT converged)")
 
 
 def bases_table(sweep: Path) -> str:
@@ -116,15 +118,16 @@ def bases_table(sweep: Path) -> str:
             layer = row["layer"]
             ratio = found[("weight_to_variance_bottom_half", layer)]
             cos = found[("probe_embedding_cosine", layer)]
+            fit = metrics["fits"][row["probe"]]
             rows.append(
                 [
                     basis,
                     str(layer),
                     ci(row["top1"], row.get("top1_ci")),
-                    str(row.get("iterations")),
-                    gap_cell(row),
+                    str(fit.get("iterations")),
+                    gap_cell(fit),
                     ci(cos["observed"], cos["ci"]),
-                    shares(row),
+                    shares(found, layer),
                     f"{ratio_cell(ratio)} ({ratio['null']})",
                 ]
             )
@@ -157,16 +160,14 @@ def k_table(metrics: dict[str, Any]) -> str:
 
 def mdl_table(metrics: dict[str, Any]) -> str:
     rows = []
-    for layer in sorted({r["layer"] for r in metrics["statistics"]["mdl"]}):
-        by = {r["task"]: r for r in metrics["statistics"]["mdl"] if r["layer"] == layer}
-        cells = [str(layer)]
-        for task in ("identity", "control"):
-            r = by[task]
+    for row in metrics["layers"]:
+        cells = [str(row["layer"])]
+        for task in ("mdl_", "control_mdl_"):
             cells += [
-                f"{r['codelength_bits'] / 1000:,.1f}",
-                f"{r['uniform_bits'] / 1000:,.1f}",
-                f"{r['compression']:.2f}",
-                "yes" if r["all_converged"] else "no",
+                f"{row[task + 'codelength_bits'] / 1000:,.1f}",
+                f"{row[task + 'uniform_bits'] / 1000:,.1f}",
+                f"{row[task + 'compression']:.2f}",
+                "yes" if row[task + "all_converged"] else "no",
             ]
         rows.append(cells)
     header = ["layer", "token: online kbit", "uniform kbit", "compression", "all fits converged"]
@@ -176,11 +177,11 @@ def mdl_table(metrics: dict[str, Any]) -> str:
 
 def lens_table(metrics: dict[str, Any]) -> str:
     rows = []
-    for r in metrics["statistics"]["lens_comparison"]:
+    for r in metrics["layers"]:
         rows.append(
             [
                 str(r["layer"]),
-                ci(r["probe_top1"], r["probe_top1_ci"]),
+                ci(r["top1"], r["top1_ci"]),
                 ci(r["logit_lens_top1"], r["logit_lens_top1_ci"]),
                 ci(r["tuned_lens_top1"], r["tuned_lens_top1_ci"]),
                 ci(r["logit_lens_next_top1"], r["logit_lens_next_top1_ci"]),

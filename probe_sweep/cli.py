@@ -32,6 +32,7 @@ from probe_sweep.jobs import jobdir
 from probe_sweep.jobs import scheduler as jobs
 from probe_sweep.pipeline import run_job
 from probe_sweep.tracking import runs as tracking
+from probe_sweep.tracking.identity import JobInfo, TrackerConfig
 
 log = logging.getLogger("probe_sweep")
 # conf/ beside the package, as a path: Hydra would look up a relative one as a module of this one.
@@ -61,9 +62,7 @@ def progress_bars_on_terminal_only() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def track(
-    cfg: tracking.TrackerConfig, job: tracking.JobInfo, resolved: dict[str, Any], key: str
-) -> bool:
+def track(cfg: TrackerConfig, job: JobInfo, resolved: dict[str, Any], key: str) -> bool:
     """Log a finished job's results with the tracker and mark its dir tracked; never raises.
     False when nothing was logged (tracker disabled, or W&B failed: one warning line)."""
     info = tracking.track_job(cfg, job, resolved)
@@ -98,7 +97,7 @@ def skip_finished(
     jobdir.discard_fits(done)  # left by a kill between its metrics.json and their removal
     jobdir.note_skipped(out_dir, done, key)
     if config.tracker.mode.value != "disabled" and not jobdir.is_tracked(done, key):
-        job = dataclasses.replace(tracking.JobInfo.from_hydra(hydra_cfg), out_dir=done)
+        job = dataclasses.replace(JobInfo.from_hydra(hydra_cfg), out_dir=done)
         if track(config.tracker, job, resolved, key):
             log.info(
                 "Tracked the results in %s now: the job that wrote them had stopped before the "
@@ -121,7 +120,7 @@ def run_and_track(
         job_info = jobs.job_info(key, list(hydra_cfg.overrides.task))
         metrics = run_job(config, resolved, out_dir, job_info, reporter)
     # After metrics.json is on disk; never raises (a W&B failure is one warning line).
-    track(config.tracker, tracking.JobInfo.from_hydra(hydra_cfg), resolved, key)
+    track(config.tracker, JobInfo.from_hydra(hydra_cfg), resolved, key)
     return tuning.objective([layer.scores for layer in metrics.layers], config.tuning)
 
 
@@ -210,7 +209,7 @@ def main(cfg: DictConfig) -> float | None:
         if tuning.is_pruned(exc):
             log.info("Trial pruned by the study: %s", exc)
             jobdir.discard_fits(out_dir)  # a pruned trial is never run again
-            job = tracking.JobInfo.from_hydra(hydra_cfg)
+            job = JobInfo.from_hydra(hydra_cfg)
             tracking.track_job(config.tracker, job, resolved, tuning.pruned_metrics(exc, resolved))
             raise  # the Optuna sweeper records the trial as pruned
         record_failure(out_dir, exc, overrides)

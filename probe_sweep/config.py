@@ -24,7 +24,7 @@ from probe_sweep.jobs.scheduler import prepare_launchers
 from probe_sweep.probes.kinds import check_penalty
 from probe_sweep.probes.linear import ProbeConfig, RegConfig
 from probe_sweep.statistics import StatisticsConfig
-from probe_sweep.tracking.runs import TrackerConfig
+from probe_sweep.tracking.identity import TrackerConfig
 from probe_sweep.tuning import TuningConfig, check_objective
 
 

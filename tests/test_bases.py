@@ -23,7 +23,7 @@ from probe_sweep.probes.linear import (
     fit_softmax_probe,
     score_probe,
 )
-from probe_sweep.probes.rows import in_memory
+from tests.memory_rows import in_memory
 
 V, D = 400, 16
 

@@ -33,7 +33,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from probe_sweep.files import write_json
 from probe_sweep.jobs.jobdir import PRUNED, discard_fits
-from probe_sweep.tracking.runs import TrackerConfig, track_study
+from probe_sweep.tracking.identity import TrackerConfig
+from probe_sweep.tracking.runs import track_study
 from probe_sweep.tuning import JOURNAL, PRUNER_ATTR, make_pruner, open_storage, quote_override
 
 from ._owner import Sweeper

@@ -14,21 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probe_sweep.bench.common import CONF, REPO, disk_bytes, free_bytes
+from probe_sweep.bench.common import REPO, disk_bytes, free_bytes
 from probe_sweep.config import Config
 
 
 def job_args(args: Any, budget: int) -> list[str]:
     """The bench's model, budget, sequence length and device as job overrides."""
     extra = [f"model.{o}" for o in args.model_override]
-    tracker = ["tracker=none"] if (CONF / "tracker" / "none.yaml").is_file() else []
     return [
         f"model={args.model}",
         *extra,
         f"data.token_budget={budget}",
         f"data.seq_len={args.seq_len}",
         f"device={args.device}",
-        *tracker,
+        "tracker=none",
     ]
 
 

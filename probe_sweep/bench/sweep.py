@@ -6,42 +6,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from probe_sweep.bench.common import CONF, Row, ok, progress
+from probe_sweep.bases import CONSTRUCTIONS
+from probe_sweep.bench.common import Row, ok, progress
 from probe_sweep.bench.runs import job_args, job_env, run_cli_job
 from probe_sweep.jobs.jobdir import METRICS, read_metrics
 
 BASIS_PREFERENCE = ["natural", "pca", "nmf", "random", "frequency", "dictionary"]
 
 
-def available_bases() -> list[str]:
-    from probe_sweep.bases import CONSTRUCTIONS
-
-    names = set(CONSTRUCTIONS)
-    names &= {p.stem for p in (CONF / "basis").glob("*.yaml")} | {"natural"}
-    return [b for b in BASIS_PREFERENCE if b in names]
-
-
-def chosen_bases(args: argparse.Namespace, notes: list[str]) -> list[str]:
+def chosen_bases(args: argparse.Namespace) -> list[str]:
+    """The bases the sweep section runs: ``--bases``, or three registered ones."""
     if args.bases != "auto":
         return args.bases.split(",")
-    present = available_bases()
-    bases = (present + ["natural"] * 3)[:3]
-    if len(set(bases)) < 3:
-        notes.append(
-            f"sweep: only bases {present} exist in this checkout, so the sweep repeats "
-            f"natural ({','.join(bases)}): the same work per job as three distinct bases "
-            "minus the cost of building them"
-        )
-    return bases
+    return [b for b in BASIS_PREFERENCE if b in CONSTRUCTIONS][:3]
 
 
 def section_sweep(args: argparse.Namespace, work: Path, out: list[Row], notes: list[str]) -> None:
-    bases = chosen_bases(args, notes)
+    bases = chosen_bases(args)
     common = job_args(args, args.token_budget)
-    if len(set(bases)) == len(bases):
-        axis = [f"basis={','.join(bases)}"]
-    else:  # Hydra drops repeated values: vary the seed instead (same work, same cache entry)
-        axis = [f"basis={bases[0]}", f"seed={','.join(str(i) for i in range(len(bases)))}"]
+    axis = [f"basis={','.join(bases)}"]
     progress(f"sweep: one job (basis={bases[0]})")
     single = run_cli_job(
         [*common, f"basis={bases[0]}", "hydra.run.dir=single"], work, job_env(work, "cache-single")

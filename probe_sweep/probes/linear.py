@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from probe_sweep.errors import UserError
-from probe_sweep.probes import solver
+from probe_sweep.probes import softmax_problem, solver
 from probe_sweep.probes.rows import Rows
 
 
@@ -150,14 +150,14 @@ def fit_softmax_probe(
     position = torch.cumsum(present, 0) - 1
     fitted = rows.with_labels(position[rows.labels]) if not bool(present.all()) else rows
     n_fitted = int(present.sum())
-    problem = solver.SoftmaxProblem(
+    problem = softmax_problem.SoftmaxProblem(
         fitted,
         n_fitted,
         mean.to(device),
         scale,
         l2=reg.strength if reg.kind is RegKind.l2 else 0.0,
         l1=reg.strength if reg.kind is RegKind.l1 else 0.0,
-        chunk=solver.chunk_rows(cfg.chunk_mb, rows.d, n_fitted),
+        chunk=softmax_problem.chunk_rows(cfg.chunk_mb, rows.d, n_fitted),
         memory_mb=cfg.memory_mb,
     )
     start = None

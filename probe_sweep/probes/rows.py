@@ -82,14 +82,3 @@ class Rows:
     def gather(self) -> torch.Tensor:
         """All inputs at once: only for rows known to be few (tests, held-out subsets)."""
         return self.read(self.index)
-
-
-def in_memory(x: torch.Tensor, y: torch.Tensor) -> Rows:
-    """Rows of a tensor already in memory; consecutive positions are read as views."""
-
-    def read(positions: np.ndarray) -> torch.Tensor:
-        if len(positions) and positions[-1] - positions[0] + 1 == len(positions):
-            return x[int(positions[0]) : int(positions[-1]) + 1]
-        return x[torch.from_numpy(positions).to(x.device)]
-
-    return Rows(read, y, np.arange(len(x)), int(x.shape[1]))

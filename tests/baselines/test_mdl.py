@@ -25,8 +25,8 @@ from probe_sweep.probes.linear import (
     in_coordinates_of,
     standardisation,
 )
-from probe_sweep.probes.rows import in_memory
 from tests.conftest import TINY, run_cli
+from tests.memory_rows import in_memory
 
 CFG = ProbeConfig()
 C, D, N = 8, 16, 4000

@@ -19,7 +19,7 @@ from probe_sweep.probes.linear import (
     fit_softmax_probe,
     score_probe,
 )
-from probe_sweep.probes.rows import in_memory
+from tests.memory_rows import in_memory
 
 
 def planted(n: int, n_classes: int = 20, d: int = 16, noise: float = 0.3, seed: int = 0):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from probe_sweep.probes import solver
+from probe_sweep.probes import softmax_problem, solver
 from probe_sweep.probes.linear import (
     ProbeConfig,
     RegConfig,
@@ -21,7 +21,7 @@ from probe_sweep.probes.linear import (
     fit_softmax_probe,
     standardisation,
 )
-from probe_sweep.probes.rows import in_memory
+from tests.memory_rows import in_memory
 
 DEFAULT = ProbeConfig()  # tol 1e-6: the relative gap every job's fit is certified to
 REFERENCE = ProbeConfig(tol=1e-12, max_iter=200)  # float64 rows
@@ -183,7 +183,7 @@ def test_chunks_give_the_same_fit_as_one_chunk() -> None:
     mean, scale = standardisation(in_memory(x, y))
     fits = []
     for chunk in (len(x), 257):
-        problem = solver.SoftmaxProblem(in_memory(x, y), 12, mean, scale, 1e-3, 0.0, chunk)
+        problem = softmax_problem.SoftmaxProblem(in_memory(x, y), 12, mean, scale, 1e-3, 0.0, chunk)
         (weight, _), conv, _ = solver.minimise(problem, None, 1e-10, 100)
         assert conv["certified"]
         fits.append(weight)
@@ -195,7 +195,7 @@ def test_streamed_rows_with_a_subsampled_hessian_reach_the_certified_optimum() -
     mean, scale = standardisation(in_memory(x, y))
     strength, fits = 1e-3, []
     for memory_mb in (4096, 0):  # 0: rows streamed each pass, the Hessian on one chunk of 12
-        problem = solver.SoftmaxProblem(
+        problem = softmax_problem.SoftmaxProblem(
             in_memory(x, y), 12, mean, scale, strength, 0.0, 257, memory_mb
         )
         assert (problem.held is None) == (memory_mb == 0)
@@ -208,8 +208,8 @@ def test_streamed_rows_with_a_subsampled_hessian_reach_the_certified_optimum() -
 
 
 def test_chunk_size_follows_the_memory_budget() -> None:
-    assert solver.chunk_rows(64, d=384, n_classes=2000) == 64 * 2**20 // (4 * 4384)
-    assert solver.chunk_rows(1, d=1600, n_classes=50257) == 64  # never below 64 rows
+    assert softmax_problem.chunk_rows(64, d=384, n_classes=2000) == 64 * 2**20 // (4 * 4384)
+    assert softmax_problem.chunk_rows(1, d=1600, n_classes=50257) == 64  # never below 64 rows
 
 
 def test_a_warm_start_is_used_only_where_it_beats_the_input_blind_start() -> None:

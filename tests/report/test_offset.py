@@ -17,9 +17,9 @@ from probe_sweep.probes.linear import (
     fit_softmax_probe,
     score_probe,
 )
-from probe_sweep.probes.rows import in_memory
 from probe_sweep.report.offsets import offset_sections
 from tests.job_dirs import sample_metrics
+from tests.memory_rows import in_memory
 
 CPU = torch.device("cpu")
 VOCAB, D = 40, 32

@@ -20,7 +20,13 @@ from hydra_plugins.probe_sweep_optuna._summary import write_summary
 from probe_sweep import tuning
 from probe_sweep.tracking import runs as tracking
 from probe_sweep.tracking.contents import STAT_FIELDS, null_statistics
-from probe_sweep.tracking.runs import JobInfo, TrackerConfig, TrackerMode
+from probe_sweep.tracking.identity import (
+    JobInfo,
+    TrackerConfig,
+    TrackerMode,
+    config_hash,
+    resolve_mode,
+)
 from tests.conftest import TINY, run_cli
 from tests.fake_wandb import FakeWandb, Run
 from tests.job_dirs import fake_job, sample_metrics
@@ -68,14 +74,14 @@ def test_auto_mode_is_offline_without_a_key_and_online_with_one(
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))
     auto = TrackerConfig()
-    assert tracking.resolve_mode(auto) == "offline"
+    assert resolve_mode(auto) == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert tracking.resolve_mode(auto) == "online"
+    assert resolve_mode(auto) == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert tracking.resolve_mode(auto) == "offline"
-    assert tracking.resolve_mode(TrackerConfig(mode=TrackerMode.online)) == "online"
+    assert resolve_mode(auto) == "offline"
+    assert resolve_mode(TrackerConfig(mode=TrackerMode.online)) == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert tracking.resolve_mode(auto) == "disabled"
+    assert resolve_mode(auto) == "disabled"
 
 
 def test_a_job_is_one_run_with_everything_logged(tmp_path: Path, fake: FakeWandb) -> None:
@@ -110,7 +116,7 @@ def test_a_job_is_one_run_with_everything_logged(tmp_path: Path, fake: FakeWandb
     assert init["tags"] == ["model:tiny", "probe:softmax", "layers:each", "basis:pca", "mine"]
     assert init["config"]["basis"]["kind"] == "pca" and init["config"]["seed"] == 0
     assert init["config"]["job"]["overrides"] == ["basis=pca"]
-    assert init["config"]["job"]["config_hash"] == tracking.config_hash(resolved)
+    assert init["config"]["job"]["config_hash"] == config_hash(resolved)
 
     # Per-layer curves on a layer x-axis: every numeric score, not intervals, names or flags.
     assert run.metrics["by_layer/*"].step_metric == "layer"
