@@ -28,8 +28,7 @@ from probe_sweep.config import Config, register_schema, to_typed
 from probe_sweep.errors import UserError
 from probe_sweep.extraction.data import CorpusSource
 from probe_sweep.extraction.model import resolve_location
-from probe_sweep.jobs import jobdir
-from probe_sweep.jobs import scheduler as jobs
+from probe_sweep.jobs import jobdir, scheduler
 from probe_sweep.pipeline import run_job
 from probe_sweep.tracking import runs as tracking
 from probe_sweep.tracking.identity import JobInfo, TrackerConfig
@@ -40,7 +39,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 register_schema()
-jobs.prepare_launchers()
+scheduler.prepare_launchers()
 
 
 def progress_bars_on_terminal_only() -> None:
@@ -114,11 +113,11 @@ def run_and_track(
     """Run the job on its own GPU (if several), then hand its results to the tracker."""
     out_dir = Path(hydra_cfg.runtime.output_dir)
     jobdir.clear_markers(out_dir, config.redo)
-    with jobs.claim_gpu(config.device) as device:
+    with scheduler.claim_gpu(config.device) as device:
         config.device = device
         reporter = tuning.trial_reporter(config.tuning)
-        job_info = jobs.job_info(key, list(hydra_cfg.overrides.task))
-        metrics = run_job(config, resolved, out_dir, job_info, reporter)
+        record = scheduler.scheduler_record(key, list(hydra_cfg.overrides.task))
+        metrics = run_job(config, resolved, out_dir, record, reporter)
     # After metrics.json is on disk; never raises (a W&B failure is one warning line).
     track(config.tracker, JobInfo.from_hydra(hydra_cfg), resolved, key)
     return tuning.objective([layer.scores for layer in metrics.layers], config.tuning)

@@ -1,5 +1,5 @@
 """Stage 3: hidden states of every requested layer, computed once and cached on disk
-(``cache_entry.py`` holds the entry format and its checks).
+(``cache/entry.py`` holds the entry format and its checks).
 
 Hidden states must be finite, and the disk must have room for the entry (checked from its
 shapes, space reserved per file with ``posix_fallocate``, written through file objects so a full

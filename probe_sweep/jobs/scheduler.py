@@ -31,7 +31,7 @@ SLURM_VARS = {
 }
 
 
-def job_info(key: str, overrides: list[str]) -> dict[str, Any]:
+def scheduler_record(key: str, overrides: list[str]) -> dict[str, Any]:
     """Where and under which scheduler ids this job ran; stored as ``metrics["job"]``."""
     info: dict[str, Any] = {"key": key, "overrides": overrides}
     info.update({name: os.environ.get(var) for name, var in SLURM_VARS.items()})

@@ -1,6 +1,6 @@
 """The sweep-level comparison: every job of a multirun side by side, read from the jobs' files
-(``sweep_jobs.read_jobs``: Hydra's ``on_multirun_end`` gets no job results). It writes, in the
-sweep dir:
+(``jobs/sweep.py``: Hydra's ``on_multirun_end`` gets no job results). It writes, in the sweep
+dir:
 - ``report.md``: the jobs table, top-1 by layer, every null statistic in one table, failed and
   incomplete jobs, and how to see the W&B runs (their group, ``wandb sync`` for offline ones);
 - ``report_accuracy_by_layer.png``: top-1 accuracy and NLL by layer, one line per job;
