@@ -40,7 +40,14 @@ from probe_sweep.intervals import SequenceBootstrap
 from probe_sweep.jobs.jobdir import JobMetrics
 from probe_sweep.probes.kinds import ProbeKind, probe_kind
 from probe_sweep.report.job_files import write_job_files
-from probe_sweep.results import JobStatistics, LayerResult
+from probe_sweep.results import (
+    CacheUse,
+    Counts,
+    JobStatistics,
+    LayerResult,
+    ModelSummary,
+    ProbeSummary,
+)
 from probe_sweep.statistics import JobProbes, Measured, job_statistics
 
 log = logging.getLogger("probe_sweep")
@@ -173,38 +180,38 @@ def job_sections(
     """The sections of metrics.json that describe the model, probe, data and results."""
     info, rows, fits = acts.info, split.rows, probes.fitted.fits
     converged = [bool(f.convergence.get("converged", True)) for f in fits.values()]
-    model = {
-        "name": info.name,
-        "path": config.model.path,
-        "model_type": info.model_type,
-        "n_layers": info.n_layers,
-        "d_model": info.d_model,
-        "vocab_size": info.vocab_size,
-        "has_unembedding": acts.unembedding is not None,
-    }
-    probe = {
-        "kind": config.probe.kind,
-        "layers": config.layers.mode.value,
-        "basis": basis.name,
-        "reg": config.reg.kind.value,
-        "strength": config.reg.strength,
-        "classes": config.probe.classes.value,
-        "n_classes": int(len(split.classes)),
-        "target_offset": config.target.offset,
-        "tol": config.probe.tol,
-        "all_converged": all(converged),
-    }
-    counts = {
-        "n_sequences": int(acts.corpus.input_ids.shape[0]),
-        "seq_len": int(acts.corpus.input_ids.shape[1]),
-        "n_train_tokens": int(len(rows[TRAIN])),
-        "n_val_tokens": int(len(rows[VAL])),
-        "n_test_tokens": int(len(rows[TEST])),
-        "n_train_types": split.n_train_types,
-        "n_frequent_types": split.n_frequent_types,
-        "n_test_unseen": int((split.labels[TEST] < 0).sum()),
-        "n_outside_target": split.n_outside,
-    }
+    model = ModelSummary(
+        name=info.name,
+        path=config.model.path,
+        model_type=info.model_type,
+        n_layers=info.n_layers,
+        d_model=info.d_model,
+        vocab_size=info.vocab_size,
+        has_unembedding=acts.unembedding is not None,
+    )
+    probe = ProbeSummary(
+        kind=config.probe.kind,
+        layers=config.layers.mode.value,
+        basis=basis.name,
+        reg=config.reg.kind.value,
+        strength=config.reg.strength,
+        classes=config.probe.classes.value,
+        n_classes=int(len(split.classes)),
+        target_offset=config.target.offset,
+        tol=config.probe.tol,
+        all_converged=all(converged),
+    )
+    counts = Counts(
+        n_sequences=int(acts.corpus.input_ids.shape[0]),
+        seq_len=int(acts.corpus.input_ids.shape[1]),
+        n_train_tokens=int(len(rows[TRAIN])),
+        n_val_tokens=int(len(rows[VAL])),
+        n_test_tokens=int(len(rows[TEST])),
+        n_train_types=split.n_train_types,
+        n_frequent_types=split.n_frequent_types,
+        n_test_unseen=int((split.labels[TEST] < 0).sum()),
+        n_outside_target=split.n_outside,
+    )
     statistics = None
     if measured is not None:
         statistics = JobStatistics(
@@ -219,7 +226,7 @@ def job_sections(
         "model": model,
         "probe": probe,
         "counts": counts,
-        "cache": {"key": store.meta["key"], "path": str(store.path), "reused": store.reused},
+        "cache": CacheUse(store.meta["key"], str(store.path), store.reused),
         "layers": layer_results(probes, measured),
         "fits": {name: {**f.convergence, "history": f.history} for name, f in fits.items()},
         "statistics": statistics,

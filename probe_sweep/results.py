@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 Interval = list[float | None]  # a 95% interval [low, high]; None where no draw was finite
+Count = typing.NewType("Count", int)  # a whole number >= 0
 T = TypeVar("T")
 
 
@@ -30,14 +31,14 @@ class ProbeScores:
     ``n_unseen``: test tokens without an NLL (their type is not a class, or no training token
     had it); they count as errors in top-1 and top-5."""
 
-    layer: int
+    layer: Count
     probe: str
     top1: float
     top5: float
     nll: float
     val_nll: float
     val_top1: float
-    n_unseen: int
+    n_unseen: Count
     top1_ci: Interval | None = None
     top5_ci: Interval | None = None
     nll_ci: Interval | None = None
@@ -224,6 +225,8 @@ def _is(value: Any, hint: Any) -> bool:
         return value is None
     if hint is float:
         return type(value) in (int, float) and math.isfinite(value)
+    if hint is Count:
+        return type(value) is int and value >= 0
     if hint in (int, bool, str):
         return type(value) is hint
     if hint == Interval:
@@ -258,7 +261,7 @@ def _convert(value: Any, hint: Any) -> Any:
     return value
 
 
-NAMES = {float: "finite number", int: "whole number", bool: "true or false", str: "string"}
+NAMES = {float: "finite number", int: "whole number", Count: "count", bool: "bool", str: "str"}
 
 
 def _describe(hint: Any) -> str:
@@ -313,3 +316,56 @@ class JobStatistics:
     classes: dict[str, int]
     basis: dict[str, Any]
     accuracy_vs_k: list[KPoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """metrics.json ``model``: what was probed."""
+
+    name: str
+    path: str | None
+    model_type: str
+    n_layers: Count
+    d_model: Count
+    vocab_size: Count
+    has_unembedding: bool
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    """metrics.json ``probe``: what was fitted, and whether every fit met its tolerance."""
+
+    kind: str
+    layers: str
+    basis: str
+    reg: str
+    strength: float
+    classes: str
+    n_classes: Count
+    target_offset: int
+    tol: float
+    all_converged: bool
+
+
+@dataclass(frozen=True)
+class Counts:
+    """metrics.json ``counts``: sequences, tokens and types of each split."""
+
+    n_sequences: Count
+    seq_len: Count
+    n_train_tokens: Count
+    n_val_tokens: Count
+    n_test_tokens: Count
+    n_train_types: Count
+    n_frequent_types: Count
+    n_test_unseen: Count
+    n_outside_target: Count
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """metrics.json ``cache``: the activation cache entry the job read, and whether it existed."""
+
+    key: str
+    path: str
+    reused: bool

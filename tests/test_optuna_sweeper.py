@@ -35,7 +35,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from probe_sweep.jobs.jobdir import JobMetrics, write_metrics
-from probe_sweep.results import LayerResult, ProbeScores
+from probe_sweep.results import (CacheUse, Counts, LayerResult, ModelSummary, ProbeScores,
+                                 ProbeSummary)
 from probe_sweep.tuning import TuningConfig, trial_reporter
 
 
@@ -52,15 +53,14 @@ def main(cfg) -> float:
     for step, layer in enumerate(scores):
         report(step, layer)
     rows = [LayerResult(layer) for layer in scores]
-    sections = dict.fromkeys(("counts", "timing_s", "fits", "resources", "config"))
+    sections = dict.fromkeys(("timing_s", "fits", "resources", "config"))
     sections = {name: {} for name in sections}
-    model = {"name": "toy", "n_layers": 2, "d_model": 1, "vocab_size": 1}
-    probe = {"kind": "toy", "layers": "each", "basis": "natural", "reg": "l2", "strength": cfg.x,
-             "classes": "seen", "n_classes": 1, "target_offset": 0, "tol": 1e-6,
-             "all_converged": True}
-    cache, job = {"key": "toy", "path": "toy", "reused": False}, {"key": "toy", "overrides": []}
-    write_metrics(out, JobMetrics(model=model, probe=probe, cache=cache, job=job, layers=rows,
-                                  statistics=None, ridge_path=None, **sections))
+    model = ModelSummary("toy", None, "toy", 2, 1, 1, False)
+    probe = ProbeSummary("toy", "each", "natural", "l2", cfg.x, "seen", 1, 0, 1e-6, True)
+    counts = Counts(*[1] * 9)
+    cache, job = CacheUse("toy", "toy", False), {"key": "toy", "overrides": []}
+    write_metrics(out, JobMetrics(model=model, probe=probe, counts=counts, cache=cache, job=job,
+                                  layers=rows, statistics=None, ridge_path=None, **sections))
     shutil.rmtree(out / ".fits")  # as a job does once its results are written
     return loss
 

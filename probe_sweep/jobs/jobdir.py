@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from probe_sweep.files import read_regular, write_json
-from probe_sweep.results import JobStatistics, LayerResult, build
+from probe_sweep.results import (
+    CacheUse,
+    Counts,
+    JobStatistics,
+    LayerResult,
+    ModelSummary,
+    ProbeSummary,
+    build,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +116,10 @@ class JobMetrics:
     is one top-level section; ``job`` (content key, scheduler ids) and ``config`` (the resolved
     config) are written with the rest, so a file that has them is complete."""
 
-    model: dict[str, Any]  # name, path, type, depth, width, vocabulary
-    probe: dict[str, Any]  # kind, layers, basis, regularisation, classes, offset, convergence
-    counts: dict[str, Any]  # sequences, tokens and types per split
-    cache: dict[str, Any]  # the activation cache entry: key, path, reused
+    model: ModelSummary  # name, path, type, depth, width, vocabulary
+    probe: ProbeSummary  # kind, layers, basis, regularisation, classes, offset, convergence
+    counts: Counts  # sequences, tokens and types per split
+    cache: CacheUse  # the activation cache entry: key, path, reused
     timing_s: dict[str, float]  # seconds per stage
     layers: list[LayerResult]  # everything measured at each layer (``results.py``)
     fits: dict[str, dict[str, Any]]  # each probe's convergence record and history
@@ -126,6 +134,7 @@ class JobMetrics:
         """The file's contents, version first: a layer is one flat row (``LayerResult.row``),
         and a job without statistics has an empty ``statistics`` object."""
         sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        sections.update({name: dataclasses.asdict(sections[name]) for name in SUMMARIES})
         sections["layers"] = [layer.row() for layer in self.layers]
         stats = self.statistics
         sections["statistics"] = {} if stats is None else dataclasses.asdict(stats)
@@ -149,23 +158,19 @@ class JobMetrics:
                 raise InvalidMetrics(f"section {name!r} is not a JSON {expected.__name__}")
         _check_fields(value)
         sections = dict(value)
+        for name, kind in SUMMARIES.items():
+            try:
+                sections[name] = build(kind, value[name], f"{name}.")
+            except ValueError as exc:
+                raise InvalidMetrics(str(exc)) from None
         sections["layers"] = [_layer(i, row) for i, row in enumerate(value["layers"])]
         sections["statistics"] = _statistics(value["statistics"])
         return cls(**sections)
 
 
-# What readers of metrics.json (report, tracker, tuner, README tables) rely on, by section:
-# each field's JSON type; "number" is a finite int or float, "count" an int >= 0.
-REQUIRED: dict[str, dict[str, str]] = {
-    "model": {"name": "str", "n_layers": "count", "d_model": "count", "vocab_size": "count"},
-    "probe": {
-        "kind": "str", "layers": "str", "basis": "str", "reg": "str", "strength": "number",
-        "classes": "str", "n_classes": "count", "target_offset": "int", "tol": "number",
-        "all_converged": "bool",
-    },
-    "cache": {"key": "str", "path": "str", "reused": "bool"},
-    "job": {"key": "str", "overrides": "list"},
-}  # fmt: skip
+SUMMARIES = {"model": ModelSummary, "probe": ProbeSummary, "counts": Counts, "cache": CacheUse}
+# The job section is the scheduler's record (``jobs/scheduler.py``); readers need these two.
+JOB_REQUIRED = {"key": "str", "overrides": "list"}
 
 
 def _is(value: Any, kind: str) -> bool:
@@ -186,14 +191,12 @@ def _scalar(value: Any) -> bool:
 def _check_fields(value: dict[str, Any]) -> None:
     """The fields readers use, with their types; every number in the per-layer rows, counts
     and timings finite. Raises ``InvalidMetrics`` naming the first bad field."""
-    for section, fields in REQUIRED.items():
-        for name, kind in fields.items():
-            if not _is(value[section].get(name), kind):
-                raise InvalidMetrics(f"{section}.{name} is not a {kind}")
-    for section, kind in (("counts", "count"), ("timing_s", "number")):
-        for name, item in value[section].items():
-            if not _is(item, kind):
-                raise InvalidMetrics(f"{section}.{name} is not a {kind}")
+    for name, kind in JOB_REQUIRED.items():
+        if not _is(value["job"].get(name), kind):
+            raise InvalidMetrics(f"job.{name} is not a {kind}")
+    for name, item in value["timing_s"].items():
+        if not _is(item, "number"):
+            raise InvalidMetrics(f"timing_s.{name} is not a number")
     if not value["layers"]:
         raise InvalidMetrics("'layers' is empty")
     for name, fit in value["fits"].items():

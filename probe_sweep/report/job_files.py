@@ -38,8 +38,8 @@ def write_job_files(
     files.write_tensors(out_dir / jobdir.PROBES, tensors, {"basis": basis.name})
     probe, layers, statistics = metrics.probe, metrics.layers, metrics.statistics
     title = (
-        f"{metrics.model['name']}: {probe['kind']} probe ({probe['layers']} layer), "
-        f"{basis.name} basis, {probe['reg']} {probe['strength']:g}"
+        f"{metrics.model.name}: {probe.kind} probe ({probe.layers} layer), "
+        f"{basis.name} basis, {probe.reg} {probe.strength:g}"
     )
     plots.plot_accuracy_by_layer(layers, out_dir / "accuracy_by_layer.png", title)
     if statistics is not None and statistics.accuracy_vs_k:

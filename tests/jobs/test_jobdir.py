@@ -51,7 +51,7 @@ def test_metrics_read_back_as_written(tmp_path: Path) -> None:
         (lambda m: m["layers"][2].update(selectivity_ci=[1]), "layers[2].selectivity_ci is not"),
         (lambda m: m["layers"][2].update(gap_rel=1e-7), "layers[2].gap_rel is not a field"),
         (lambda m: m["layers"][1].update(mdl_compression=2.0), "layers[1].mdl_codelength_bits"),
-        (lambda m: m["probe"].update(strength="high"), "probe.strength is not a number"),
+        (lambda m: m["probe"].update(strength="high"), "probe.strength is not a finite number"),
         (lambda m: m["counts"].update(n_test_tokens=-1), "counts.n_test_tokens is not a count"),
         (lambda m: m["statistics"]["entries"][0].update(observed="x"), "entries[0].observed"),
         (lambda m: m["job"].update(key=None), "job.key is not a str"),
