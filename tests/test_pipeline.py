@@ -63,13 +63,15 @@ def stage_of(module: str) -> str | None:
     return None
 
 
-def run(out_dir: Path, trace: list[str] | None = None) -> dict[str, Any]:
+def run(
+    out_dir: Path, trace: list[str] | None = None, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run the job in this process; with ``trace``, record the stage of every module-level
     function called after the input checks (methods of a stage's values, such as a basis's
     coordinates or a store's layer, do not enter its stage)."""
     register_schema()
     with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose(config_name="config", overrides=EVERYTHING)
+        cfg = compose(config_name="config", overrides=[*EVERYTHING, *extra])
     config = to_typed(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     checks = run_job.__globals__["check_inputs"].__code__
