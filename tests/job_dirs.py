@@ -46,9 +46,9 @@ def sample_metrics(statistics: bool = True) -> dict[str, Any]:
 def fake_job(
     out_dir: Path, top1: list[float], statistics: bool = False, basis: str = "natural"
 ) -> dict[str, Any]:
-    """A job dir as ``run_job`` leaves it: probes.safetensors, accuracy_by_layer.png, then
-    metrics.json. The metrics are the real sample's, cut to its first ``len(top1)`` layers,
-    with these top-1 accuracies (95% interval +-0.01) and ``basis`` as the basis's name."""
+    """A job dir as ``run_job`` leaves it: probes.safetensors, the PNGs, then metrics.json.
+    The metrics are the real sample's, cut to its first ``len(top1)`` layers, with these top-1
+    accuracies (95% interval +-0.01) and ``basis`` as the basis's name."""
     metrics = sample_metrics(statistics)
     rows = metrics["layers"][: len(top1)]
     assert len(rows) == len(top1), f"the sample has {len(metrics['layers'])} layers"
@@ -74,6 +74,7 @@ def fake_job(
         tensors[f"{name}.mean"] = torch.zeros(d)
         tensors[f"{name}.scale"] = torch.tensor(1.0)
     files.write_tensors(out_dir / "probes.safetensors", tensors, {"basis": basis})
+    plots.plot_probe_weights(out_dir / "probes.safetensors", out_dir)
     results = [LayerResult.from_row(row) for row in rows]
     plots.plot_accuracy_by_layer(results, out_dir / "accuracy_by_layer.png", "test")
     files.write_json(out_dir / "metrics.json", metrics)

@@ -28,7 +28,8 @@ def write_job_files(
     basis: Basis,
 ) -> None:
     """Probe tensors (with the basis encoder, which maps them to natural coordinates), the
-    plots, then metrics.json last, then the tables to the log."""
+    plots (accuracy by layer and against k, the probe weights and their mass by basis column),
+    then metrics.json last, then the tables to the log."""
     assert basis.encoder is not None
     tensors = {"classes": torch.from_numpy(classes), "basis.encoder": basis.encoder}
     for name, fit in fits.items():
@@ -36,6 +37,7 @@ def write_job_files(
         if fit.map_weight is not None:
             tensors[f"{name}.map_weight"] = fit.map_weight
     files.write_tensors(out_dir / jobdir.PROBES, tensors, {"basis": basis.name})
+    plots.plot_probe_weights(out_dir / jobdir.PROBES, out_dir)
     probe, layers, statistics = metrics.probe, metrics.layers, metrics.statistics
     title = (
         f"{metrics.model.name}: {probe.kind} probe ({probe.layers} layer), "

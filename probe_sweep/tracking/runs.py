@@ -2,12 +2,11 @@
 study's outcome as one more run beside its trials. (What a job's run holds is
 ``contents.py``; its mode, name and group, ``identity.py``.)
 
-``track_job`` runs after ``metrics.json`` is on disk. It draws the probe weights
-(``probe_weights.png``, ``probe_weight_mass.png``), logs the job as one W&B run and writes
-``wandb_run.json`` (where the run went). It never raises: a tracking failure is one log line,
-and the results on disk are untouched. The run's files go under ``tracker.dir``, else
-``$WANDB_DIR``, else the job's own output dir (a study's run: the sweep dir), never the
-directory the user happened to start from.
+``track_job`` runs after ``metrics.json`` is on disk. It logs the job, with the PNGs the job
+drew, as one W&B run and writes ``wandb_run.json`` (where the run went). It never raises: a
+tracking failure is one log line, and the results on disk are untouched. The run's files go
+under ``tracker.dir``, else ``$WANDB_DIR``, else the job's own output dir (a study's run: the
+sweep dir), never the directory the user happened to start from.
 
 This is the only module that imports ``wandb``, lazily and in one place (``_wandb``): a
 disabled tracker never loads it, and tests put a recording fake there.
@@ -25,7 +24,6 @@ import xxhash
 
 from probe_sweep.files import write_json
 from probe_sweep.jobs import jobdir
-from probe_sweep.report.plots import plot_probe_weights
 from probe_sweep.tracking.contents import log_contents
 from probe_sweep.tracking.identity import (
     JobInfo,
@@ -60,15 +58,8 @@ def track_job(
     Returns what ``wandb_run.json`` records (run id, mode, where it lives), or None when the
     tracker is disabled, the job left no ``metrics.json``, or W&B failed (one warning line).
     """
-    metrics_path = job.out_dir / jobdir.METRICS
-    tensors_path = job.out_dir / jobdir.PROBES
-    if metrics is None and not metrics_path.is_file():
+    if metrics is None and not (job.out_dir / jobdir.METRICS).is_file():
         return None
-    if tensors_path.is_file():
-        try:
-            plot_probe_weights(tensors_path, job.out_dir)
-        except Exception as exc:  # derived images: never worth failing a finished job
-            log.warning("Could not draw the probe weights: %s", _one_line(exc))
     mode = resolve_mode(cfg)
     if mode == "disabled":
         return None

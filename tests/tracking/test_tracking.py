@@ -331,14 +331,15 @@ def test_disabled_tracker_never_imports_wandb(tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
     fake_job(job_dir, [0.9, 0.8])
     code = (
-        "import sys; from pathlib import Path; from probe_sweep import tracking as t\n"
-        "cfg = t.TrackerConfig(mode=t.TrackerMode.disabled)\n"
-        f"assert t.track_job(cfg, t.JobInfo(out_dir=Path({str(job_dir)!r})), {{}}) is None\n"
+        "import sys; from pathlib import Path; from probe_sweep.tracking import identity as i\n"
+        "from probe_sweep.tracking.runs import track_job\n"
+        "cfg = i.TrackerConfig(mode=i.TrackerMode.disabled)\n"
+        f"assert track_job(cfg, i.JobInfo(out_dir=Path({str(job_dir)!r})), {{}}) is None\n"
         "print('wandb' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    assert (job_dir / "probe_weights.png").is_file()  # the images do not depend on W&B
+    assert (job_dir / "probe_weights.png").is_file()  # drawn by the job, not by W&B
     assert not (job_dir / "wandb_run.json").exists()
 
 
