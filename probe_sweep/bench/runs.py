@@ -172,15 +172,15 @@ def job_figures(run_dir: Path, run: JobRun) -> JobFigures:
 
     metrics = read_metrics(run_dir)
     counts, timing, fits = metrics.counts, metrics.timing_s, metrics.fits.values()
-    cache = Path(metrics.cache["path"])
+    cache = Path(metrics.cache.path)
     return JobFigures(
-        n_tokens=sum(counts[f"n_{p}_tokens"] for p in ("train", "val", "test")),
-        n_train=counts["n_train_tokens"],
-        n_sequences=counts["n_sequences"],
-        n_classes=metrics.probe["n_classes"],
+        n_tokens=counts.n_train_tokens + counts.n_val_tokens + counts.n_test_tokens,
+        n_train=counts.n_train_tokens,
+        n_sequences=counts.n_sequences,
+        n_classes=metrics.probe.n_classes,
         evaluations=sum(int(f.get("passes", 1)) + int(f.get("hessian_products", 0)) for f in fits),
         iterations=[int(f.get("iterations", 0)) for f in fits],
-        converged=bool(metrics.probe["all_converged"]),
+        converged=metrics.probe.all_converged,
         gap_rel=max((float(f.get("gap_rel") or 0.0) for f in fits), default=0.0),
         extract_s=float(timing["extract"]),
         fit_s=float(timing["fit"]),
