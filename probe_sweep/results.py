@@ -24,6 +24,12 @@ Count = typing.NewType("Count", int)  # a whole number >= 0
 T = TypeVar("T")
 
 
+def shown(accuracy: str = "", compared: bool = False, **default: Any) -> Any:
+    """A field that readers show: ``accuracy``, its label in the accuracy-by-layer plot;
+    ``compared``, a table and figure per job in the sweep report's statistics."""
+    return field(metadata={"accuracy": accuracy, "compared": compared}, **default)
+
+
 @dataclass(frozen=True)
 class ProbeScores:
     """The identity probe on held-out tokens: test-split scores with intervals over held-out
@@ -33,8 +39,8 @@ class ProbeScores:
 
     layer: Count
     probe: str
-    top1: float
-    top5: float
+    top1: float = shown("top-1", compared=True)
+    top5: float = shown("top-5")
     nll: float
     val_nll: float
     val_top1: float
@@ -42,9 +48,9 @@ class ProbeScores:
     top1_ci: Interval | None = None
     top5_ci: Interval | None = None
     nll_ci: Interval | None = None
-    top1_frequent: float | None = None
+    top1_frequent: float | None = shown("top-1, frequent types", default=None)
     top1_frequent_ci: Interval | None = None
-    top1_rare: float | None = None
+    top1_rare: float | None = shown("top-1, rare types", default=None)
     top1_rare_ci: Interval | None = None
 
 
@@ -53,8 +59,8 @@ class ControlScores:
     """The control task (Hewitt & Liang 2019) at this layer: top-1 of the same kind of probe on
     a fixed random label per type, and selectivity, identity minus control top-1 (paired)."""
 
-    control_top1: float
-    selectivity: float
+    control_top1: float = shown("control task top-1 (baseline)")
+    selectivity: float = shown(compared=True)
     control_top1_ci: Interval | None = None
     selectivity_ci: Interval | None = None
 
@@ -63,8 +69,8 @@ class ControlScores:
 class RandomInitScores:
     """The same probe on the same tokens of the same architecture with random weights."""
 
-    random_init_top1: float
-    top1_minus_random_init: float
+    random_init_top1: float = shown("top-1, random-init model (baseline)")
+    top1_minus_random_init: float = shown(compared=True)
     random_init_top1_ci: Interval | None = None
     top1_minus_random_init_ci: Interval | None = None
 
@@ -284,6 +290,17 @@ ROW_FIELDS: dict[str, str] = {
 assert len(ROW_FIELDS) == sum(
     len(dataclasses.fields(part_type(LayerResult, p.name))) for p in dataclasses.fields(LayerResult)
 ), "two parts of a layer's result give a row field the same name"
+
+
+def shown_fields(what: str) -> dict[str, Any]:
+    """Row fields marked ``what`` (see ``shown``), in declaration order, with the mark."""
+    out = {}
+    for part in dataclasses.fields(LayerResult):
+        prefix = part.metadata.get("prefix", "")
+        for f in dataclasses.fields(part_type(LayerResult, part.name)):
+            if f.metadata.get(what):
+                out[prefix + f.name] = f.metadata[what]
+    return out
 
 
 def fields_of(kind: type) -> list[str]:

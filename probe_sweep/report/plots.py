@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from probe_sweep.files import write_bytes  # noqa: E402
-from probe_sweep.results import LayerResult  # noqa: E402
+from probe_sweep.results import LayerResult, shown_fields  # noqa: E402
 
 __all__ = [
     "plot_accuracy_by_layer",
@@ -56,13 +56,10 @@ def plot_accuracy_by_layer(results: list[LayerResult], path: Path, title: str) -
     rows = [result.row() for result in results]
     layers = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    markers = ["-o", "--s", ":^", ":v", "-.+", "-.x", "-d", "--p"]
+    labels = shown_fields("accuracy")
     styles = {
-        "top1": ("top-1", "-o"),
-        "top5": ("top-5", "--s"),
-        "top1_frequent": ("top-1, frequent types", ":^"),
-        "top1_rare": ("top-1, rare types", ":v"),
-        "random_init_top1": ("top-1, random-init model (baseline)", "-.x"),
-        "control_top1": ("control task top-1 (baseline)", "-.+"),
+        key: (label, markers[i % len(markers)]) for i, (key, label) in enumerate(labels.items())
     }
     shown = [k for k in styles if any(r.get(k) is not None for r in rows)]
     for key in shown:

@@ -16,6 +16,7 @@ from probe_sweep.jobs.jobdir import PROBES, keyed_content
 from probe_sweep.jobs.sweep import JobResult
 from probe_sweep.report.plots import plt, save_figure
 from probe_sweep.report.tables import interval_cell, markdown_table
+from probe_sweep.results import shown_fields
 
 
 def _natural_weights(job: JobResult) -> dict[str, np.ndarray]:
@@ -89,7 +90,7 @@ def statistic_rows(job: JobResult) -> dict[str, dict[int, dict[str, Any]]]:
     out: dict[str, dict[int, dict[str, Any]]] = {}
     metrics = job.metrics or {}
     for row in metrics.get("layers", []):
-        for name in ("top1", "selectivity", "top1_minus_random_init"):
+        for name in shown_fields("compared"):
             if row.get(name) is not None:
                 value = {"observed": row[name], "ci": row.get(f"{name}_ci")}
                 out.setdefault(name, {})[row["layer"]] = value
