@@ -58,7 +58,7 @@ class Model:
         return self.scorer.inputs
 
 
-@dataclass
+@dataclass(frozen=True)
 class Probes:
     """Every probe the fitting stage fitted: the identity probes of the trained model (and of
     the random-init model), the statistics' view of them, and each baseline's results."""
@@ -106,35 +106,36 @@ def fit_job_probes(
     ours = models[0]
     acts, scorer, inputs, targets = ours.acts, ours.scorer, ours.inputs, ours.class_embeddings
     fitted = fit_identity_probes(config, kind, scorer, acts.layers, targets, checkpoint, on_layer)
-    probes = Probes(fitted, probe_set(ours, fitted))
+    ours_set = probe_set(ours, fitted)
     stats, per_layer = config.statistics, config.layers.mode is not LayerMode.pooled
     if not stats.enabled:
-        return probes
+        return Probes(fitted, ours_set)
+    found: dict[str, Any] = {}
     if len(models) > 1:
         theirs = models[1]
         their_fits = fit_identity_probes(
             config, kind, theirs.scorer, theirs.acts.layers, theirs.class_embeddings,
             checkpoint, prefix="random_init_",
         )  # fmt: skip
-        probes.random_init = probe_set(theirs, their_fits)
-        probes.random_scores = random_init_scores(fitted, their_fits, scorer.bootstrap)
+        found["random_init"] = probe_set(theirs, their_fits)
+        found["random_scores"] = random_init_scores(fitted, their_fits, scorer.bootstrap)
     if stats.control_task:
-        probes.control, probes.control_fits = control_probes(
+        found["control"], found["control_fits"] = control_probes(
             config, kind, scorer, fitted, acts.embedding, checkpoint
         )
     if stats.lens_probe and acts.unembedding is not None:
-        probes.lens_probe = lens_probe_scores(
+        found["lens_probe"] = lens_probe_scores(
             config, kind, acts, scorer, fitted, targets, checkpoint
         )
     if stats.logit_lens:
-        probes.lens = lens_inputs(acts, inputs.split, stats.lens_rows)
+        found["lens"] = lens_inputs(acts, inputs.split, stats.lens_rows)
     if stats.lens_comparison and per_layer:
-        probes.lenses = compare_lenses(config, acts, inputs.split, inputs.device)
+        found["lenses"] = compare_lenses(config, acts, inputs.split, inputs.device)
     if stats.mdl and per_layer:
-        probes.mdl = description_lengths(config, kind, inputs, fitted, targets, acts.embedding)
+        found["mdl"] = description_lengths(config, kind, inputs, fitted, targets, acts.embedding)
     if stats.k_sweep and per_layer:
-        probes.accuracy_vs_k = accuracy_vs_k(config, kind, scorer, fitted, targets)
-    return probes
+        found["accuracy_vs_k"] = accuracy_vs_k(config, kind, scorer, fitted, targets)
+    return Probes(fitted, ours_set, **found)
 
 
 def lens_inputs(acts: Activations, split: Split, n_rows: int) -> LensInputs | None:
