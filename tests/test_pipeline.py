@@ -9,6 +9,7 @@ change is meant to move the numbers, and say so in the commit).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -46,14 +47,16 @@ EVERYTHING = [
     "tracker=none",
 ]
 # The stages in the order of the data flow, by the modules that do their work. Modules not
-# named here are shared values and helpers (results, intervals, files, progress, ...).
+# named here are shared values and helpers (results, intervals, files, the job dir's layout in
+# jobs/, ...).
 STAGES = [
     ("extraction", ("probe_sweep.extraction.", "probe_sweep.cache.")),
     ("bases", ("probe_sweep.bases",)),
     ("fitting", ("probe_sweep.probes.", "probe_sweep.fitting.", "probe_sweep.baselines.")),
     ("statistics", ("probe_sweep.statistics",)),
-    ("job files", ("probe_sweep.report.", "probe_sweep.jobs.")),
+    ("job files", ("probe_sweep.report.",)),
 ]
+LATER = [("tracking", ("probe_sweep.tracking.",))]  # after the job, from its files
 
 
 def stage_of(module: str) -> str | None:
@@ -113,6 +116,29 @@ def test_a_job_runs_each_stage_once_in_order_and_writes_the_metrics_it_wrote_bef
     assert trace == [stage for stage, _ in STAGES], trace
     golden = json.loads(GOLDEN.read_text())
     assert differences(metrics, golden) == []
+
+
+def test_no_stage_imports_a_later_one() -> None:
+    """A module reads what the stages before it wrote and knows nothing of the ones after it."""
+    order = [prefixes for _, prefixes in STAGES + LATER]
+
+    def rank(module: str) -> int | None:
+        found = [i for i, prefixes in enumerate(order) if (module + ".").startswith(prefixes)]
+        return found[0] if found else None
+
+    package = Path(__file__).parents[1] / "probe_sweep"
+    later = []
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        mine = rank(module.removesuffix(".__init__"))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if mine is None or not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            targets = [f"{node.module}.{alias.name}" for alias in node.names]
+            ranks = [r for r in map(rank, targets) if r is not None]
+            if ranks and min(ranks) > mine:
+                later.append(f"{module} imports {node.module}")
+    assert later == []
 
 
 def differences(new: Any, old: Any, path: str = "") -> list[str]:

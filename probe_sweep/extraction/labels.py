@@ -6,12 +6,19 @@ basis (token counts of the training split) and the probes read them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
 
 from probe_sweep.extraction.data import TEST, TRAIN, VAL, Corpus
-from probe_sweep.probes.linear import ClassSet
+
+
+class ClassSet(Enum):
+    """The classes a probe reads out: the token types seen in training, or the vocabulary."""
+
+    seen = "seen"
+    vocab = "vocab"
 
 
 def class_index(classes: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -30,6 +30,7 @@ from probe_sweep.fitting.identity import (
     input_covariances,
 )
 from probe_sweep.fitting.inputs import Inputs, read_rows
+from probe_sweep.fitting.probe_set import LensInputs, ProbeSet
 from probe_sweep.fitting.saved_fits import FitCheckpoint
 from probe_sweep.intervals import SequenceBootstrap
 from probe_sweep.probes.kinds import ProbeKind
@@ -41,7 +42,6 @@ from probe_sweep.results import (
     LensProbeScores,
     RandomInitScores,
 )
-from probe_sweep.statistics import LensInputs, ProbeSet
 
 
 @dataclass

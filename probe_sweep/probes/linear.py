@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from probe_sweep.errors import UserError
+from probe_sweep.extraction.labels import ClassSet
 from probe_sweep.probes import softmax_problem, solver
 from probe_sweep.probes.rows import Rows
-
-
-class ClassSet(Enum):
-    seen = "seen"
-    vocab = "vocab"
 
 
 class RegKind(Enum):

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
+from probe_sweep.fitting.probe_set import LensInputs, ProbeSet
 from probe_sweep.logit_lens import lens_logits
 from probe_sweep.results import LogitLensReadout
 from probe_sweep.statistics.lens import input_token_readout, token_set_projection
 from probe_sweep.statistics.similarity import ridge_map_entries, similarity_entries
 from probe_sweep.statistics.weight_mass import column_shares, weight_mass_entries
 
-__all__ = ["JobProbes", "LensInputs", "Measured", "ProbeSet", "StatisticsConfig", "job_statistics"]
+__all__ = ["JobProbes", "Measured", "StatisticsConfig", "job_statistics"]
 
 
 @dataclass
@@ -69,31 +70,6 @@ class StatisticsConfig:
     mdl: bool = False
     lens_comparison: bool = False
     lens_train_rows: int = 4096
-
-
-@dataclass
-class ProbeSet:
-    """The fitted probes of one model. ``fits``: probe name -> FitResult; ``encoder`` (d, k):
-    coordinates = h @ encoder; ``class_embeddings`` (C, d): this model's W_E rows of the
-    classes; ``covariances``: probe name -> covariance (k, k) of its training inputs."""
-
-    fits: dict[str, Any]
-    encoder: torch.Tensor
-    class_embeddings: torch.Tensor
-    covariances: dict[str, torch.Tensor]
-
-
-@dataclass
-class LensInputs:
-    """Held-out hidden states (natural coordinates, per layer) and their input tokens for the
-    logit-lens read-outs; ``final_layer``: the layer whose HF hidden state already has the
-    final norm applied (None if it was not extracted)."""
-
-    hidden: dict[int, torch.Tensor]
-    targets: torch.Tensor
-    unembedding: torch.Tensor
-    final_norm: torch.nn.Module | None
-    final_layer: int | None
 
 
 @dataclass

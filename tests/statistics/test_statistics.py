@@ -291,8 +291,9 @@ def test_control_task_and_probe_on_the_models_own_guess(tmp_path: Path) -> None:
 def test_a_baseline_in_its_own_basis_is_read_in_that_basis() -> None:
     """The random-init model's natural basis orders its axes by its own W_E: its probe must be
     mapped back with its own encoder. The same probe in a permuted basis is the same baseline."""
+    from probe_sweep.fitting.probe_set import ProbeSet
     from probe_sweep.probes.linear import FitResult, LinearProbe
-    from probe_sweep.statistics import JobProbes, ProbeSet, StatisticsConfig, job_statistics
+    from probe_sweep.statistics import JobProbes, StatisticsConfig, job_statistics
 
     emb = embedding()
     probe = noisy(emb, 0.3, 1)
