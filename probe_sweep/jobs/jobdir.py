@@ -28,8 +28,8 @@ from probe_sweep.results import (
     LayerResult,
     ModelSummary,
     ProbeSummary,
-    build,
 )
+from probe_sweep.typed_json import build
 
 log = logging.getLogger(__name__)
 

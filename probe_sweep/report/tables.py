@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from probe_sweep.results import LayerResult, ProbeScores, fields_of, part_type
+from probe_sweep.results import LayerResult, ProbeScores, fields_of
+from probe_sweep.typed_json import part_type
 
 
 def format_table(scores: list[ProbeScores], fits: dict[str, dict[str, Any]]) -> str:
