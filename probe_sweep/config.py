@@ -92,6 +92,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "statistics.k_seeds": (1, None),
     "statistics.max_classes": (0, None),
     "statistics.lens_train_rows": (1, None),
+    "statistics.mdl_orders": (1, None),
     "tracker.init_timeout": (0, None),
 }
 

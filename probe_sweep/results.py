@@ -130,16 +130,20 @@ class CodeBlock:
 
 @dataclass(frozen=True)
 class CodeLength:
-    """The online code length (Voita & Titov 2020) of a task's labels given the hidden state:
-    total bits, the uniform code's, their ratio (compression), per token, and by block."""
+    """The online code length (Voita & Titov 2020) of a task's labels given the hidden state,
+    over ``n_orders`` seeded orders of the rows: mean total bits, the uniform code's, their
+    ratio (compression), bits per token, the lowest and highest compression of one order
+    (``compression_range``), and the first order's blocks."""
 
     codelength_bits: float
     uniform_bits: float
     compression: float
     bits_per_token: float
-    n_tokens: int
-    n_dropped: int
+    n_tokens: Count
+    n_dropped: Count
     all_converged: bool
+    n_orders: Count = Count(1)
+    compression_range: Interval | None = None
     blocks: list[CodeBlock] = field(default_factory=list)
 
 

@@ -138,6 +138,23 @@ def online_codelength(
     )
 
 
+def over_orders(codes: list[CodeLength]) -> CodeLength:
+    """The code lengths of one task under several seeded orders of its rows, as one: mean bits,
+    the compression of the mean, the range of the orders' compressions, the first's blocks."""
+    first, n = codes[0], len(codes)
+    bits = sum(code.codelength_bits for code in codes) / n
+    ratios = [code.compression for code in codes]
+    return dataclasses.replace(
+        first,
+        codelength_bits=bits,
+        compression=first.uniform_bits / bits if bits > 0 else float("nan"),
+        bits_per_token=bits / first.n_tokens,
+        all_converged=all(code.all_converged for code in codes),
+        n_orders=n,
+        compression_range=[min(ratios), max(ratios)],
+    )
+
+
 def description_lengths(
     config: Config,
     kind: ProbeKind,
@@ -146,7 +163,8 @@ def description_lengths(
     class_embeddings: torch.Tensor,
     embedding: torch.Tensor,
 ) -> dict[int, tuple[CodeLength, CodeLength]]:
-    """The code length of the input token and of the control task at each layer."""
+    """The code length of the input token and of the control task at each layer, each over
+    ``statistics.mdl_orders`` seeded orders of the training rows (seed, seed + 1, ...)."""
     control = control_labels(config, inputs, len(embedding))
     n_control = config.statistics.control_labels
     tasks = {
@@ -159,11 +177,13 @@ def description_lengths(
         codes = []
         for task, (labels, targets) in tasks.items():
             rows = train if labels is None else train.with_labels(labels)
-            codes.append(
+            orders = [
                 online_codelength(
                     rows, targets.to(inputs.device), kind, config.reg, config.probe,
-                    seed=config.seed, desc=f"layer {layer} {task} MDL",
+                    seed=config.seed + order, desc=f"layer {layer} {task} MDL order {order}",
                 )
-            )  # fmt: skip
+                for order in range(config.statistics.mdl_orders)
+            ]  # fmt: skip
+            codes.append(over_orders(orders))
         out[layer] = (codes[0], codes[1])
     return out

@@ -47,10 +47,11 @@ class StatisticsConfig:
     and the next token beside the identity probe (models with an unembedding); each tuned-lens
     translator is fitted on ``lens_train_rows`` training positions. ``mdl``: the online code
     length (MDL, Voita & Titov 2020) of the input token and of the control task at each layer,
-    in bits, with the compression against the uniform code. ``max_classes``: statistics of the
-    probe matrix use at most this many classes, a seeded subsample shared by the probe and its
-    baselines (0 = all; a 50,257 x 1,600 probe makes each null draw cost seconds), reported in
-    ``statistics.classes``."""
+    in bits, with the compression against the uniform code, over ``mdl_orders`` seeded orders
+    of the rows (the range of their compressions says how much the order matters).
+    ``max_classes``: statistics of the probe matrix use at most this many classes, a seeded
+    subsample shared by the probe and its baselines (0 = all; a 50,257 x 1,600 probe makes each
+    null draw cost seconds), reported in ``statistics.classes``."""
 
     enabled: bool = True
     n_permutations: int = 200
@@ -68,6 +69,7 @@ class StatisticsConfig:
     k_seeds: int = 3
     max_classes: int = 0
     mdl: bool = False
+    mdl_orders: int = 3
     lens_comparison: bool = False
     lens_train_rows: int = 4096
 

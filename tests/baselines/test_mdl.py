@@ -16,6 +16,7 @@ from probe_sweep.baselines.mdl import (
     block_ends,
     code_bits,
     online_codelength,
+    over_orders,
 )
 from probe_sweep.probes.kinds import probe_kind
 from probe_sweep.probes.linear import (
@@ -109,6 +110,22 @@ def test_same_seed_same_result_other_seed_other_order() -> None:
     assert a.codelength_bits != c.codelength_bits
 
 
+def test_seeded_orders_combine_into_a_mean_and_a_range() -> None:
+    x, y = linear_task(n=1000)
+    codes = [
+        online_codelength(in_memory(x, y), TARGETS, SOFTMAX, RegConfig(), CFG, seed=seed)
+        for seed in range(3)
+    ]
+    both = over_orders(codes)
+    mean = sum(c.codelength_bits for c in codes) / 3
+    assert both.codelength_bits == pytest.approx(mean) and both.n_orders == 3
+    assert both.compression == pytest.approx(both.uniform_bits / mean)
+    low, high = both.compression_range
+    assert low == min(c.compression for c in codes) < high == max(c.compression for c in codes)
+    assert low <= both.compression <= high
+    assert both.blocks == codes[0].blocks
+
+
 def test_warm_start_is_the_same_map_and_changes_no_block() -> None:
     """The previous probe re-expressed in new coordinates gives the same logits, and a block's
     code length under the warm-started fit equals the one under a fit from zero."""
@@ -155,4 +172,6 @@ def test_a_job_reports_the_code_length_of_the_token_and_of_the_control_task(
     assert row["control_mdl_n_tokens"] == row["mdl_n_tokens"]
     # Layer 0 holds the token: its code is far below the uniform code over the classes.
     assert row["mdl_compression"] > 1.5 and row["control_mdl_compression"] > 0
-    assert sum(b["bits"] for b in row["mdl_blocks"]) == pytest.approx(row["mdl_codelength_bits"])
+    # Three seeded orders by default: the mean's compression lies within their range.
+    low, high = row["mdl_compression_range"]
+    assert row["mdl_n_orders"] == 3 and low <= row["mdl_compression"] <= high
