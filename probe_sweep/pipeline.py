@@ -157,6 +157,7 @@ def layer_results(probes: Probes, measured: Measured | None) -> list[LayerResult
         out.append(
             LayerResult(
                 scores=scores,
+                depth=probes.depth.get(layer),
                 control=probes.control.get(layer),
                 random_init=probes.random_scores.get(layer),
                 lens_probe=probes.lens_probe.get(layer),

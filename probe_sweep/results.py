@@ -71,6 +71,15 @@ class RandomInitScores:
 
 
 @dataclass(frozen=True)
+class DepthScores:
+    """This layer's identity-probe top-1 minus the previous probed layer's, paired."""
+
+    top1_minus_previous_layer: float = shown(compared=True)
+    previous_layer: Count
+    top1_minus_previous_layer_ci: Interval | None = None
+
+
+@dataclass(frozen=True)
 class LensProbeScores:
     """The identity probe fed the logit lens's log-probabilities of the classes instead of the
     hidden state (is the input token in the model's own guess?), against the hidden state."""
@@ -153,6 +162,7 @@ class LayerResult:
     ``prefix`` of a part names its fields in a row (the two code lengths share a type)."""
 
     scores: ProbeScores
+    depth: DepthScores | None = None
     control: ControlScores | None = None
     random_init: RandomInitScores | None = None
     lens_probe: LensProbeScores | None = None

@@ -2,6 +2,7 @@
 and handed to the statistics as values. Each baseline is a function of the inputs it is given
 and returns its own typed part of the layer results (``results.py``):
 
+- ``depth.py``: each layer's top-1 minus the previous layer's, paired.
 - ``control.py``: the control task (Hewitt & Liang 2019), the same kind of probe on a fixed
   random label per type; selectivity.
 - ``random_init.py``: the same probes on the same architecture with random weights.

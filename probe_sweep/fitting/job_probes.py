@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from probe_sweep.baselines.control import control_probes
+from probe_sweep.baselines.depth import layer_differences
 from probe_sweep.baselines.k_sweep import accuracy_vs_k
 from probe_sweep.baselines.lens_probe import lens_probe_scores
 from probe_sweep.baselines.lenses import compare_lenses
@@ -37,6 +38,7 @@ from probe_sweep.probes.kinds import ProbeKind
 from probe_sweep.results import (
     CodeLength,
     ControlScores,
+    DepthScores,
     KPoint,
     LensComparison,
     LensProbeScores,
@@ -67,6 +69,7 @@ class Probes:
     probe_set: ProbeSet
     random_init: ProbeSet | None = None
     control_fits: dict[str, Any] = field(default_factory=dict)
+    depth: dict[int, DepthScores] = field(default_factory=dict)
     control: dict[int, ControlScores] = field(default_factory=dict)
     random_scores: dict[int, RandomInitScores] = field(default_factory=dict)
     lens_probe: dict[int, LensProbeScores] = field(default_factory=dict)
@@ -111,6 +114,8 @@ def fit_job_probes(
     if not stats.enabled:
         return Probes(fitted, ours_set)
     found: dict[str, Any] = {}
+    if stats.layer_differences:
+        found["depth"] = layer_differences(fitted, scorer.bootstrap)
     if len(models) > 1:
         theirs = models[1]
         their_fits = fit_identity_probes(

@@ -68,6 +68,7 @@ class StatisticsConfig:
     k_sweep: list[int] = field(default_factory=list)
     k_seeds: int = 3
     max_classes: int = 0
+    layer_differences: bool = True
     mdl: bool = False
     mdl_orders: int = 3
     lens_comparison: bool = False
