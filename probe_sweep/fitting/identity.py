@@ -1,6 +1,7 @@
 """The identity probes: one probe per layer (or one pooled over layers) fitted to the input
 token on one model's inputs, each scored on held-out tokens with intervals over held-out
-sequences. The pipeline calls it for the trained model and for the random-init model alike.
+sequences. ``job_probes.py`` calls it for the trained model and for the random-init model
+alike.
 
     Inputs (``inputs.py``) + the probe kind (``probes/kinds.py``)  =>  ``Fitted``
 """
