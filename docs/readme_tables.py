@@ -62,6 +62,7 @@ def layers_table(metrics: dict[str, Any]) -> str:
             [
                 str(layer),
                 ci(row["top1"], row.get("top1_ci")),
+                ci(row.get("top1_minus_previous_layer"), row.get("top1_minus_previous_layer_ci")),
                 ci(row.get("random_init_top1"), row.get("random_init_top1_ci")),
                 ci(row.get("top1_minus_random_init"), row.get("top1_minus_random_init_ci")),
                 ci(row.get("control_top1"), row.get("control_top1_ci")),
@@ -82,8 +83,8 @@ def layers_table(metrics: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             table(
-                ["layer", "top-1", "random-init top-1", "difference", "control-task top-1",
-                 "selectivity", "relative gap"],
+                ["layer", "top-1", "minus the layer before (paired)", "random-init top-1",
+                 "difference", "control-task top-1", "selectivity", "relative gap"],
                 accuracy,
             ),
             table(
