@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -247,13 +248,42 @@ def check_output_dir(argv: list[str]) -> None:
         sys.exit(2)
 
 
+PENDING_INTERRUPT = []  # a Ctrl-C that arrived while Hydra composed the config
+
+
+def defer_interrupts() -> None:
+    """Until Hydra has composed the config, Ctrl-C is only recorded: raised inside OmegaConf, a
+    KeyboardInterrupt comes out as a config error (and a traceback-like message)."""
+    signal.signal(signal.SIGINT, lambda signum, frame: PENDING_INTERRUPT.append(signum))
+
+
+def release_interrupts() -> None:
+    """Ctrl-C is Python's KeyboardInterrupt again; one pressed meanwhile is raised now."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if PENDING_INTERRUPT:
+        raise KeyboardInterrupt
+
+
+class ConfigComposed(Callback):
+    """Hydra calls this once the config is composed, before any job: deferred Ctrl-C is
+    released (conf/config.yaml, ``hydra.callbacks``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        release_interrupts()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        release_interrupts()
+
+
 def run() -> None:
     """``python -m probe_sweep``: the job dir checked, Hydra's main, and Ctrl-C outside any job
     (while Hydra composes the config, or in a multirun's parent: joblib, submitit) as one line
     and SIGINT."""
     check_output_dir(sys.argv[1:])
+    defer_interrupts()
     try:
         main()
+        release_interrupts()  # --help, --cfg: no run started
     except KeyboardInterrupt:
         multirun = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
         again = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
