@@ -34,28 +34,30 @@ def build(kind: type[T], given: dict[str, Any], prefix: str = "") -> T:
             if required:
                 raise ValueError(f"{prefix + f.name} is missing")
             continue
-        if not _is(given[f.name], hints[f.name]):
-            raise ValueError(f"{prefix + f.name} is not a {_describe(hints[f.name])}")
+        if not is_of(given[f.name], hints[f.name]):
+            raise ValueError(f"{prefix + f.name} is not a {describe(hints[f.name])}")
     values = {name: _convert(value, hints[name]) for name, value in given.items()}
     return kind(**values)
 
 
-def _is(value: Any, hint: Any) -> bool:
+def is_of(value: Any, hint: Any) -> bool:
     """Whether a JSON value fits a field's type: numbers finite, intervals pairs."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (types.UnionType, typing.Union):
-        return any(_is(value, a) for a in args)
+        return any(is_of(value, a) for a in args)
     if hint is type(None):
         return value is None
     if hint is float:
         return type(value) in (int, float) and math.isfinite(value)
     if hint is Count:
         return type(value) is int and value >= 0
-    if hint in (int, bool, str):
+    if hint in (int, bool, str, list):
         return type(value) is hint
     if hint == Interval:
         return (
-            isinstance(value, list) and len(value) == 2 and all(_is(v, float | None) for v in value)
+            isinstance(value, list)
+            and len(value) == 2
+            and all(is_of(v, float | None) for v in value)
         )
     if hint is Any:
         return True
@@ -64,7 +66,7 @@ def _is(value: Any, hint: Any) -> bool:
     if origin is list and dataclasses.is_dataclass(args[0]):
         return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
     if origin is list:
-        return isinstance(value, list) and all(_is(v, args[0]) for v in value)
+        return isinstance(value, list) and all(is_of(v, args[0]) for v in value)
     raise TypeError(f"no check for {hint}")
 
 
@@ -88,13 +90,13 @@ def _convert(value: Any, hint: Any) -> Any:
 NAMES = {float: "finite number", int: "whole number", Count: "count", bool: "bool", str: "str"}
 
 
-def _describe(hint: Any) -> str:
+def describe(hint: Any) -> str:
     """A field's type in words, for the error that names it."""
     if hint in (Interval, Interval | None):
         return "interval [low, high]"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (types.UnionType, typing.Union) and len(args) == 1:
-        return f"{_describe(args[0])} or null"
+        return f"{describe(args[0])} or null"
     if typing.get_origin(hint) is list:
         return f"list of {getattr(args[0], '__name__', args[0])}"
     return NAMES.get(hint, getattr(hint, "__name__", str(hint)))

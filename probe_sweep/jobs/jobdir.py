@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from probe_sweep.results import (
     ModelSummary,
     ProbeSummary,
 )
-from probe_sweep.typed_json import build
+from probe_sweep.typed_json import Interval, build, describe, is_of
 
 log = logging.getLogger(__name__)
 
@@ -170,32 +169,17 @@ class JobMetrics:
 
 SUMMARIES = {"model": ModelSummary, "probe": ProbeSummary, "counts": Counts, "cache": CacheUse}
 # The job section is the scheduler's record (``jobs/scheduler.py``); readers need these two.
-JOB_REQUIRED = {"key": "str", "overrides": "list"}
-
-
-def _is(value: Any, kind: str) -> bool:
-    if kind == "number":
-        return type(value) in (int, float) and math.isfinite(value)
-    if kind in ("count", "int"):
-        return type(value) is int and (kind == "int" or value >= 0)
-    return type(value).__name__ == kind
-
-
-def _scalar(value: Any) -> bool:
-    """A finite number, a bool, null, or a pair of them (an interval)."""
-    if isinstance(value, list):
-        return len(value) == 2 and all(v is None or _is(v, "number") for v in value)
-    return value is None or isinstance(value, bool) or _is(value, "number")
+JOB_REQUIRED: dict[str, type] = {"key": str, "overrides": list}
 
 
 def _check_fields(value: dict[str, Any]) -> None:
     """The fields readers use, with their types; every number in the per-layer rows, counts
     and timings finite. Raises ``InvalidMetrics`` naming the first bad field."""
     for name, kind in JOB_REQUIRED.items():
-        if not _is(value["job"].get(name), kind):
-            raise InvalidMetrics(f"job.{name} is not a {kind}")
+        if not is_of(value["job"].get(name), kind):
+            raise InvalidMetrics(f"job.{name} is not a {describe(kind)}")
     for name, item in value["timing_s"].items():
-        if not _is(item, "number"):
+        if not is_of(item, float):
             raise InvalidMetrics(f"timing_s.{name} is not a number")
     if not value["layers"]:
         raise InvalidMetrics("'layers' is empty")
@@ -218,9 +202,10 @@ def _statistics(value: dict[str, Any]) -> JobStatistics | None:
     if not value:
         return None
     for i, entry in enumerate(value.get("entries", [])):
-        if not (isinstance(entry, dict) and _is(entry.get("name"), "str")):
+        if not (isinstance(entry, dict) and is_of(entry.get("name"), str)):
             raise InvalidMetrics(f"statistics.entries[{i}] has no name")
-        if not _scalar(entry.get("observed")):
+        observed = entry.get("observed")
+        if not (is_of(observed, float | bool | None) or is_of(observed, Interval)):
             raise InvalidMetrics(f"statistics.entries[{i}].observed is not a finite number")
     try:
         return build(JobStatistics, value, "statistics.")
