@@ -5,6 +5,7 @@ python docs/readme_tables.py bases   <sweep dir>              # one row per job 
 python docs/readme_tables.py k       <job dir>                # accuracy against k
 python docs/readme_tables.py mdl     <job dir>                # online code length by layer
 python docs/readme_tables.py lenses  <job dir>                # the lenses side by side
+python docs/readme_tables.py readout <job dir>                # logit-lens read-out, projections
 python docs/readme_tables.py offsets <sweep dir>              # top-1 by layer and target offset
 """
 
@@ -188,12 +189,36 @@ def lens_table(metrics: dict[str, Any]) -> str:
                 ci(r["logit_lens_next_top1"], r["logit_lens_next_top1_ci"]),
                 ci(r["tuned_lens_next_top1"], r["tuned_lens_next_top1_ci"]),
                 f"{r['logit_lens_kl']:.4f} / {r['tuned_lens_kl']:.4f}",
+                ci(r.get("tuned_minus_logit_lens_kl"), r.get("tuned_minus_logit_lens_kl_ci"), 4),
                 f"{r['tuned_lens_iterations']}, {'yes' if r['tuned_lens_converged'] else 'no'}",
             ]
         )
     header = ["layer", "identity probe top-1", "logit lens: token", "tuned lens: token"]
     header += ["logit lens: next", "tuned lens: next", "KL to final (logit / tuned)"]
+    header += ["tuned minus logit KL (paired)"]
     header += ["translator iterations, converged"]
+    return table(header, rows)
+
+
+def readout_table(metrics: dict[str, Any]) -> str:
+    """The logit lens's read-out of the input token beside the identity probe, and the hidden
+    state's cosine with the embeddings of the tokens the final layer ranks lowest / highest,
+    against random tokens (p: two-sided, from the random-token null)."""
+    found = entries(metrics)
+    rows = []
+    for r in metrics["layers"]:
+        layer = r["layer"]
+        cells = [str(layer), ci(r["top1"], r["top1_ci"]), f"{r['lens_input_top1']:.3f}"]
+        cells += [f"{r['probe_minus_lens_top1']:+.3f}", f"{r['lens_input_median_rank']:g}"]
+        for name, field in (("unlikely", "proj_unlikely"), ("likely", "proj_likely")):
+            entry = found.get((f"{name}_token_projection", layer))
+            p = "" if entry is None else f" (p {entry['p']:.3f})"
+            cells.append("-" if r.get(field) is None else f"{r[field]:+.4f}{p}")
+        cells.append("-" if r.get("proj_random") is None else f"{r['proj_random']:+.4f}")
+        rows.append(cells)
+    header = ["layer", "identity probe top-1", "logit lens: input top-1", "probe minus lens"]
+    header += ["lens: input median rank", "cos, 50 least likely", "cos, 50 most likely"]
+    header += ["cos, 50 random tokens"]
     return table(header, rows)
 
 
@@ -224,7 +249,13 @@ def main(argv: list[str]) -> int:
         print(bases_table(where) if kind == "bases" else offsets_table(where))
         return 0
     metrics = json.loads((where / "metrics.json").read_text())
-    tables = {"layers": layers_table, "k": k_table, "mdl": mdl_table, "lenses": lens_table}
+    tables = {
+        "layers": layers_table,
+        "k": k_table,
+        "mdl": mdl_table,
+        "lenses": lens_table,
+        "readout": readout_table,
+    }
     print(tables[kind](metrics))
     return 0
 

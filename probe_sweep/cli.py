@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from probe_sweep import fingerprints, threads, tuning
-from probe_sweep.config import Config, register_schema, to_typed
+from probe_sweep.config import CONF, Config, register_schema, to_typed
 from probe_sweep.errors import UserError
 from probe_sweep.extraction.data import CorpusSource
 from probe_sweep.extraction.model import resolve_location
@@ -35,8 +35,6 @@ from probe_sweep.tracking import runs as tracking
 from probe_sweep.tracking.identity import JobInfo, TrackerConfig
 
 log = logging.getLogger("probe_sweep")
-# conf/ beside the package, as a path: Hydra would look up a relative one as a module of this one.
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 register_schema()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -47,6 +48,10 @@ class Config:
     redo: bool = False
 
 
+# conf/ beside the package, as a path: Hydra would look up a relative one as a module.
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
 def register_schema() -> None:
     """The config schema, and the resolvers conf/ uses: whatever composes the config has both."""
     ConfigStore.instance().store(name="probe_sweep_schema", node=Config)
@@ -73,6 +78,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "probe.max_iter": (1, None),
     "probe.chunk_mb": (1, None),
     "probe.memory_mb": (1, None),
+    "probe.hessian_rows": (0, None),
     "probe.path_strengths": (0, None),
     "basis.top_k": (1, None),
     "basis.bottom_k": (1, None),
@@ -151,3 +157,13 @@ def to_typed(cfg: DictConfig) -> Config:
         f"device={config.device!r} is not one of auto, cpu, cuda, cuda:<index>",
     )
     return config
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The typed config a ``python -m probe_sweep <overrides>`` job would run with, composed
+    without running Hydra's app (no output dir): for the commands beside the main one."""
+    from hydra import compose, initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="probe_sweep"):
+        return to_typed(compose(config_name="config", overrides=overrides))

@@ -73,9 +73,9 @@ class ExtractionProgress:
             self.n_seq,
             100 * self.seq // max(self.n_seq, 1),
             rate,
-            f"about {_duration(left)} left"
+            f"about {duration(left)} left"
             if self.seq < self.n_seq
-            else f"done in {_duration(elapsed)}",
+            else f"done in {duration(elapsed)}",
         )
 
 
@@ -111,11 +111,11 @@ class FitProgress:
             self.last = now
             log.info(
                 "%s: iteration %d, objective %.6g, relative gap %s, %s",
-                *(self.desc, iteration, value, gap, _duration(now - self.started)),
+                *(self.desc, iteration, value, gap, duration(now - self.started)),
             )
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = round(seconds)
     if seconds < 60:
         return f"{seconds} s"

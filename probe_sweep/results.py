@@ -118,10 +118,12 @@ class LensComparison:
     tuned_lens_kl: float
     tuned_lens_converged: bool
     tuned_lens_iterations: int
+    tuned_minus_logit_lens_kl: float | None = None  # paired, on the same held-out positions
     logit_lens_top1_ci: Interval | None = None
     logit_lens_next_top1_ci: Interval | None = None
     tuned_lens_top1_ci: Interval | None = None
     tuned_lens_next_top1_ci: Interval | None = None
+    tuned_minus_logit_lens_kl_ci: Interval | None = None
 
 
 @dataclass(frozen=True)

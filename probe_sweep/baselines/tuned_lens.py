@@ -120,6 +120,12 @@ class LensTargets:
             chosen = hits if mask is None else hits[mask]
             out[f"{name}{which}_top1"] = float(chosen.mean()) if len(chosen) else None
             out[f"{name}{which}_top1_ci"] = self.bootstrap.interval(hits, mask)
-        mine = logits.to(self.final_log_probs.device).log_softmax(-1)
-        out[f"{name}_kl"] = kl_divergence(self.final_log_probs, mine).mean().item()
+        out[f"{name}_kl"] = self.kl(logits).mean().item()
         return out
+
+    @torch.no_grad()
+    def kl(self, logits: torch.Tensor) -> torch.Tensor:
+        """KL(final layer || lens) of each held-out position."""
+        return kl_divergence(
+            self.final_log_probs, logits.to(self.final_log_probs.device).log_softmax(-1)
+        )

@@ -17,10 +17,7 @@ from typing import Any
 
 import torch
 
-from probe_sweep.config import Config
-
 REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "conf"
 STARTED = time.perf_counter()
 
 
@@ -57,17 +54,6 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """The typed config a ``python -m probe_sweep <overrides>`` job would run with."""
-    from hydra import compose, initialize_config_dir
-
-    from probe_sweep.config import register_schema, to_typed
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="bench"):
-        return to_typed(compose(config_name="config", overrides=overrides))
 
 
 def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:

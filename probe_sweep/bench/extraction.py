@@ -14,7 +14,6 @@ import torch
 
 from probe_sweep.bench.common import (
     Row,
-    compose_config,
     matmul_params,
     matmul_rate,
     ok,
@@ -22,7 +21,7 @@ from probe_sweep.bench.common import (
     timed,
 )
 from probe_sweep.bench.runs import job_args
-from probe_sweep.config import Config
+from probe_sweep.config import Config, compose_config
 from probe_sweep.extraction.activations import extract
 from probe_sweep.extraction.data import TEST, TRAIN, VAL, build_corpus
 from probe_sweep.extraction.hidden_states import cache_activations, pick_device

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from probe_sweep.bench.common import Row, compose_config, ok, progress, sync
+from probe_sweep.bench.common import Row, ok, progress, sync
 from probe_sweep.bench.runs import JobFigures, job_env, job_figures, room_for, run_cli_job
-from probe_sweep.config import Config
+from probe_sweep.config import Config, compose_config
 from probe_sweep.extraction.model import load_model, load_tokenizer
 
 SECTION = "8 gpu scale"

@@ -13,8 +13,9 @@ import shlex
 import shutil
 from pathlib import Path
 
-from probe_sweep.bench.common import Row, compose_config, ok, progress
+from probe_sweep.bench.common import Row, ok, progress
 from probe_sweep.bench.runs import JobFigures, job_env, job_figures, room_for, run_cli_job
+from probe_sweep.config import compose_config
 
 SECTION = "7 scale"
 RSS_LIMIT = 1.5  # peak RSS at the largest budget over that at the smallest

