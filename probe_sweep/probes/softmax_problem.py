@@ -54,7 +54,6 @@ class SoftmaxProblem:
     l1: float
     chunk: int
     memory_mb: int = 4096
-    hessian_rows: int = 0  # rows the Hessian-vector products use; 0: all that fit in memory
 
     def __post_init__(self) -> None:
         self.started = time.perf_counter()  # set-up (a pass, the eigendecomposition) counts
@@ -68,19 +67,17 @@ class SoftmaxProblem:
         self.held: list[Chunk] | None = [] if self.n * row_bytes <= budget else None
         # chunks whose probabilities are kept for Hessian-vector products: all that fit
         kept = max(1, min(n_chunks, budget // max(self.chunk * row_bytes, 1)))
-        if self.hessian_rows:
-            kept = min(kept, math.ceil(self.hessian_rows / self.chunk))
         self.hessian_chunks = set(torch.linspace(0, n_chunks - 1, kept).round().long().tolist())
         class_x = torch.zeros(k, d, dtype=torch.float64, device=self.device)
         counts = torch.zeros(k, dtype=torch.float64, device=self.device)
         total = torch.zeros(d, dtype=torch.float64, device=self.device)
         gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
-        self.rows_in_hessian = 0
+        self.hessian_rows = 0
         for i, (x, y) in enumerate(self._stream()):
             if self.held is not None:
                 self.held.append((x, y))
             if i in self.hessian_chunks:
-                self.rows_in_hessian += len(y)
+                self.hessian_rows += len(y)
             xd = x.double()
             class_x.index_add_(0, y, xd)
             counts += torch.bincount(y, minlength=k).double()
@@ -249,7 +246,7 @@ class SoftmaxProblem:
             r.sub_((p * r).sum(1, keepdim=True)).mul_(p)
             out_w += (r.T @ x).double()
             out_b += r.sum(0, dtype=torch.float64)
-        rows = max(self.rows_in_hessian, 1)
+        rows = max(self.hessian_rows, 1)
         out_w, out_b = out_w / rows, out_b / rows
         if self.l2:
             out_w += 2 * self.l2 * v_w

@@ -18,7 +18,6 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +60,9 @@ N_BOOTSTRAP = 1000
 class Interrupted(Exception):
     """Ctrl-C during training; the checkpoint of ``step`` is saved at ``checkpoint``."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"Interrupted at step {step}")
-        self.step, self.checkpoint = step, Path()
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"Interrupted at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 def checkpoint_path(target: Path) -> Path:
@@ -246,10 +245,12 @@ def run_steps(
     corpus: Corpus,
     training: TrainingConfig,
     step: int,
-    save: Callable[[int], None],
+    checkpoint: Path,
+    setup: str,
 ) -> None:
-    """Train from ``step`` to ``training.steps``, calling ``save(step)`` at every checkpoint
-    and on Ctrl-C (then :class:`Interrupted`); a log line with losses and pace every 5%."""
+    """Train from ``step`` to ``training.steps``, saving the checkpoint every
+    ``checkpoint_every`` steps and on Ctrl-C (then :class:`Interrupted`); a log line with the
+    losses and the pace every 5% of the steps."""
     device = next(module.parameters()).device
     train_seqs = np.flatnonzero(corpus.split == TRAIN)
     val_ids = corpus.input_ids[corpus.split == VAL][:VAL_SEQUENCES]
@@ -269,7 +270,7 @@ def run_steps(
             step += 1
             losses.append(loss.item())
             if step % training.checkpoint_every == 0 and step < training.steps:
-                save(step)
+                save_checkpoint(checkpoint, module, optimizer, step, setup)
             if step % log_every == 0 or step == training.steps:
                 elapsed = time.monotonic() - started
                 rate = (step - first) * training.batch_size * training.seq_len / elapsed
@@ -284,8 +285,8 @@ def run_steps(
                 losses = []
     except KeyboardInterrupt:
         if step > first:
-            save(step)
-        raise Interrupted(step) from None
+            save_checkpoint(checkpoint, module, optimizer, step, setup)
+        raise Interrupted(step, checkpoint) from None
 
 
 def train_decoder(cfg: ModelConfig, device: torch.device) -> Path:
@@ -325,18 +326,7 @@ def train_decoder(cfg: ModelConfig, device: torch.device) -> Path:
         *(training.steps, training.batch_size, device),
     )
     started = time.monotonic()
-    try:
-        run_steps(
-            module,
-            optimizer,
-            corpus,
-            training,
-            step,
-            lambda at: save_checkpoint(checkpoint, module, optimizer, at, setup),
-        )
-    except Interrupted as stop:
-        stop.checkpoint = checkpoint
-        raise
+    run_steps(module, optimizer, corpus, training, step, checkpoint, setup)
     seconds = time.monotonic() - started
     module.eval()
     results = evaluate(module, corpus, len(tokenizer), device, training.seed)
