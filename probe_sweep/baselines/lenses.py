@@ -60,9 +60,10 @@ def compare_lenses(
             objective = TranslatorObjective(
                 read_rows(acts.store, layer, train).to(device), final_train, unembedding, norm, l2
             )
-            params, conv = minimise(objective, TRANSLATOR_TOL, TRANSLATOR_MAX_ITER)
+            name = f"tuned_lens_layer_{layer}"
+            params, conv = minimise(objective, TRANSLATOR_TOL, TRANSLATOR_MAX_ITER, desc=name)
             tuned_lens = objective.logits(params, hidden).detach()
-            log_fit(f"tuned_lens_layer_{layer}", conv)
+            log_fit(name, conv)
         kl_gain = (held_out.kl(tuned_lens) - held_out.kl(logit_lens)).cpu().numpy()
         out[layer] = LensComparison(
             **held_out.scores("logit_lens", logit_lens),

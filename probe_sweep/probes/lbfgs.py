@@ -10,6 +10,8 @@ from typing import Protocol
 
 import torch
 
+from probe_sweep.progress import FitProgress
+
 Params = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -27,10 +29,15 @@ def _max_abs(params: Params) -> float:
 
 
 def minimise(
-    objective: Objective, tol: float, max_iter: int, history_size: int = 10
+    objective: Objective,
+    tol: float,
+    max_iter: int,
+    history_size: int = 10,
+    desc: str = "L-BFGS",
 ) -> tuple[Params, dict[str, float | int | bool | str]]:
     """L-BFGS (strong-Wolfe line search) from ``objective.zero()``; returns the parameters and
-    a convergence record (iterations, objective, largest gradient entry relative to the start)."""
+    a convergence record (iterations, objective, largest gradient entry relative to the start).
+    A long fit logs its progress (``FitProgress``: evaluations and objective)."""
     init = objective.zero()
     _, grads0 = objective(init)
     assert grads0 is not None
@@ -50,13 +57,19 @@ def minimise(
         line_search_fn="strong_wolfe",
     )
 
+    evaluations = 0
+
     def closure() -> float:
+        nonlocal evaluations
         value, grads = objective((weight.detach(), bias.detach()))
         assert grads is not None
         weight.grad, bias.grad = grads
+        evaluations += 1
+        progress.update(evaluations, value, None)
         return value
 
-    optimiser.step(closure)  # type: ignore[arg-type]
+    with FitProgress(desc) as progress:
+        optimiser.step(closure)  # type: ignore[arg-type]
     params = (weight.detach(), bias.detach())
     value, grads = objective(params)
     assert grads is not None
