@@ -44,7 +44,7 @@ from probe_sweep.extraction.model import (
     resolve_location,
 )
 from probe_sweep.files import write_json, write_tensors
-from probe_sweep.intervals import SequenceBootstrap
+from probe_sweep.intervals import SequenceBootstrap, interval
 from probe_sweep.progress import duration
 from probe_sweep.training.ngram import Pairs, fit_ngrams
 
@@ -119,23 +119,35 @@ def next_token_loss(module: torch.nn.Module, input_ids: torch.Tensor) -> torch.T
 def held_out_nll(
     module: torch.nn.Module, input_ids: np.ndarray, device: torch.device
 ) -> np.ndarray:
-    """:func:`next_token_loss` of every sequence, in eval mode, in batches."""
+    """:func:`next_token_loss` of every sequence, in eval mode, in batches; the module's mode
+    is restored afterwards."""
+    was_training = module.training
     module.eval()
     parts = [
         next_token_loss(module, torch.as_tensor(input_ids[i : i + EVAL_BATCH], device=device))
         for i in range(0, len(input_ids), EVAL_BATCH)
     ]
-    module.train()
+    module.train(was_training)
     return torch.cat(parts).double().cpu().numpy()
 
 
-def _optimizer(module: torch.nn.Module, training: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices only (not on biases and LayerNorm gains)."""
+def _param_groups(module: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Parameter names with weight decay (the matrices) and without (biases, LayerNorm gains)."""
     params = dict(module.named_parameters())
-    decay = [p for p in params.values() if p.dim() >= 2]
-    rest = [p for p in params.values() if p.dim() < 2]
+    return [n for n, p in params.items() if p.dim() >= 2], [
+        n for n, p in params.items() if p.dim() < 2
+    ]
+
+
+def _optimizer(module: torch.nn.Module, training: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only."""
+    params = dict(module.named_parameters())
+    decay, rest = _param_groups(module)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": training.weight_decay}, {"params": rest}],
+        [
+            {"params": [params[n] for n in decay], "weight_decay": training.weight_decay},
+            {"params": [params[n] for n in rest]},
+        ],
         lr=training.lr,
         weight_decay=0.0,
     )
@@ -143,10 +155,8 @@ def _optimizer(module: torch.nn.Module, training: TrainingConfig) -> torch.optim
 
 def _adam_order(module: torch.nn.Module) -> list[str]:
     """Parameter names in the order :func:`_optimizer` hands them to AdamW (its state's ids)."""
-    params = dict(module.named_parameters())
-    return [n for n, p in params.items() if p.dim() >= 2] + [
-        n for n, p in params.items() if p.dim() < 2
-    ]
+    decay, rest = _param_groups(module)
+    return decay + rest
 
 
 def save_checkpoint(
@@ -207,8 +217,7 @@ def load_checkpoint(
 def perplexity(nll: np.ndarray, sequence: np.ndarray, seed: int) -> dict[str, Any]:
     """exp(mean NLL) with its 95% interval over resampled held-out sequences."""
     draws = SequenceBootstrap(sequence, N_BOOTSTRAP, seed).draws(nll)
-    lo, hi = np.quantile(np.exp(draws), [0.025, 0.975])
-    return {"value": float(np.exp(nll.mean())), "ci": [float(lo), float(hi)]}
+    return {"value": float(np.exp(nll.mean())), "ci": interval(np.exp(draws))}
 
 
 def content_pairs(corpus: Corpus, part: int) -> tuple[Pairs, np.ndarray]:
