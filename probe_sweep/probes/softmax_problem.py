@@ -58,7 +58,7 @@ class SoftmaxProblem:
     def __post_init__(self) -> None:
         self.started = time.perf_counter()  # set-up (a pass, the eigendecomposition) counts
         self.device = self.mean.device
-        self.dtype = self.mean.dtype
+        self.dtype = self.hessian_dtype = self.mean.dtype
         self.n = len(self.rows)
         d, k = self.rows.d, self.n_classes
         n_chunks = max(1, math.ceil(self.n / self.chunk))
@@ -158,7 +158,7 @@ class SoftmaxProblem:
                 curv_sum += curv.sum(0, dtype=torch.float64)
                 curv_x += (curv.T @ x).double()
             if keep and i in self.hessian_chunks:
-                probs.append(p)
+                probs.append(p.to(self.hessian_dtype))
         n = max(self.n, 1)
         prob_x, prob_mean = prob_x / n, prob_sum / n
         lse_mean = lse_sum.item() / n
@@ -231,19 +231,22 @@ class SoftmaxProblem:
     @torch.no_grad()
     def hessian_product(self, at: Pass, vector: Params) -> Params:
         """H v of the cross-entropy part at ``at`` (from its kept probabilities; on the
-        Hessian's chunks), plus the l2 term."""
+        Hessian's chunks), plus the l2 term. In the rows' precision in either stage: the
+        product only shapes the step, which a pass then accepts or rejects, while the gradient
+        and the certificate keep the pass's precision."""
         self.products += 1
         v_w, v_b = vector
-        vw, vb = v_w.to(self.dtype), v_b.to(self.dtype)
+        low = self.hessian_dtype
+        vw, vb = v_w.to(low), v_b.to(low)
         out_w = torch.zeros_like(v_w)
         out_b = torch.zeros_like(v_b)
         kept = iter(at.probs)
         for i, (x, _) in enumerate(self.chunks()):
             if i not in self.hessian_chunks:
                 continue
-            p, x = next(kept), x.to(self.dtype)
-            r = torch.addmm(vb, x, vw.T)
-            r.sub_((p * r).sum(1, keepdim=True)).mul_(p)
+            p, x = next(kept), x.to(low)
+            r = torch.addmm(vb, x, vw.T).mul_(p)
+            r.addcmul_(p, r.sum(1, keepdim=True), value=-1)
             out_w += (r.T @ x).double()
             out_b += r.sum(0, dtype=torch.float64)
         rows = max(self.hessian_rows, 1)

@@ -11,7 +11,7 @@ infimum is 0): they are left out of the fit, exactly, with weight 0 and bias -in
   the inputs' covariance (one eigendecomposition per fit), c_k the class's mean p(1-p) and m_k
   the inputs' mean weighted by it. It commutes with rotations of the inputs, so a fit in a
   rotated basis is the same fit rotated. Hessian-vector products reuse the probabilities of the
-  last gradient pass (no exponentials).
+  last gradient pass (no exponentials), in the rows' precision.
 - l1: FISTA (constant step from Boehning's curvature bound, gradient restart).
 
 The stopping rule is a certificate on the objective: the duality gap P(W, b) - D(U) >= f - f*,
