@@ -5,16 +5,15 @@ of them (or leave torch half imported, and the next import of it fails). Until t
 Ctrl-C says, on one line, that nothing was run, and the process dies of SIGINT as Python's does.
 """
 
-import os
 import signal
 import sys
+
+from probe_sweep.interrupt import die_of_sigint
 
 
 def interrupted_while_starting(signum: int, frame: object) -> None:
     sys.stderr.write("Interrupted while starting: nothing was run or written.\n")
-    sys.stderr.flush()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
+    die_of_sigint()
 
 
 if __name__ == "__main__":

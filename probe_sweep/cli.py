@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,6 +28,7 @@ from probe_sweep.config import CONF, Config, register_schema, to_typed
 from probe_sweep.errors import UserError
 from probe_sweep.extraction.data import CorpusSource
 from probe_sweep.extraction.model import resolve_location
+from probe_sweep.interrupt import die_of_sigint
 from probe_sweep.jobs import jobdir, scheduler
 from probe_sweep.pipeline import run_job
 from probe_sweep.tracking import runs as tracking
@@ -137,13 +137,7 @@ def stop_interrupted(hydra_cfg: DictConfig, multirun: bool) -> NoReturn:
         again,
     )
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.name == "posix":
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)  # another thread may take the signal a moment later
-    os._exit(130)
+    die_of_sigint()
 
 
 def record_failure(out_dir: Path, exc: BaseException, overrides: list[str]) -> None:
@@ -290,5 +284,4 @@ def run() -> None:
             f"Interrupted. {kept} the same command with the same {again} to resume.",
             file=sys.stderr,
         )
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        die_of_sigint()

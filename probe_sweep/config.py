@@ -99,15 +99,26 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "statistics.lens_train_rows": (1, None),
     "statistics.mdl_orders": (1, None),
     "tracker.init_timeout": (0, None),
+    # a model this tool trains (model.training is None for every other model)
+    "model.training.token_budget": (1, None),
+    "model.training.seq_len": (2, None),  # a next-token target needs two tokens
+    "model.training.steps": (1, None),
+    "model.training.batch_size": (1, None),
+    "model.training.lr": (0, None),
+    "model.training.warmup_steps": (0, None),
+    "model.training.weight_decay": (0, None),
+    "model.training.checkpoint_every": (1, None),
+    "model.training.seed": (0, 2**32 - 1),
 }
 
 
 def check_ranges(config: Config) -> None:
-    """One ``UserError`` for the first numeric setting outside ``RANGES`` (or not finite)."""
+    """One ``UserError`` for the first numeric setting outside ``RANGES`` (or not finite); a
+    setting inside an optional group that is None (``model.training``) is not checked."""
     for dotted, (low, high) in RANGES.items():
         value = config
         for part in dotted.split("."):
-            value = getattr(value, part)
+            value = None if value is None else getattr(value, part)
         for item in value if isinstance(value, list) else [value]:
             if item is None:
                 continue

@@ -107,6 +107,8 @@ def test_unknown_key_is_refused() -> None:
         (["statistics.k_sweep=[48,0]"], "statistics.k_sweep=0 is out of range"),
         (["probe=ridge", "probe.path_strengths=[1e-3,nan]"], "probe.path_strengths=nan"),
         (["tracker.init_timeout=-inf"], "tracker.init_timeout=-inf is out of range"),
+        (["model=sotu-gpt2", "model.training.lr=-0.1"], "model.training.lr=-0.1 is out of range"),
+        (["model=sotu-gpt2", "model.training.seq_len=1"], "use a value >= 2"),
         (["data.val_fraction=0.6", "data.test_fraction=0.5"], "must be below 1"),
         (["probe=ridge", "reg=l1"], "probe=ridge does not take reg=l1; use reg=l2 or reg=none"),
         (["data.test_fraction=1.5"], "data.test_fraction=1.5"),
@@ -158,14 +160,16 @@ def test_every_numeric_setting_has_a_range() -> None:
     def walk(cls: type, prefix: str) -> None:
         for spec in dataclasses.fields(cls):
             kind = typing.get_type_hints(cls)[spec.name]
-            if dataclasses.is_dataclass(kind):
-                walk(kind, f"{prefix}{spec.name}.")
-                continue
             args = {kind, *typing.get_args(kind)}
+            group = [a for a in args if dataclasses.is_dataclass(a)]  # optional groups too
+            if group:
+                walk(group[0], f"{prefix}{spec.name}.")
+                continue
             args |= {a for arg in list(args) for a in typing.get_args(arg)}
             if args & {int, float}:
                 numeric.append(prefix + spec.name)
 
     walk(Config, "")
     assert "reg.strength" in numeric and "statistics.k_sweep" in numeric
+    assert "model.training.lr" in numeric
     assert sorted(set(numeric) - exempt) == sorted(RANGES)

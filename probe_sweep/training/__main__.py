@@ -6,14 +6,13 @@ main command's syntax. Ctrl-C saves a checkpoint; the same command resumes from 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 
 from probe_sweep import threads
 from probe_sweep.config import compose_config
 from probe_sweep.errors import UserError
 from probe_sweep.extraction.hidden_states import pick_device
+from probe_sweep.interrupt import die_of_sigint
 from probe_sweep.training.decoder import Interrupted, train_decoder
 
 log = logging.getLogger("probe_sweep")
@@ -34,8 +33,7 @@ def main(overrides: list[str]) -> int:
             "same command to resume.",
             file=sys.stderr,
         )
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        die_of_sigint()
     return 0
 
 
