@@ -71,35 +71,39 @@ def layers_table(metrics: dict[str, Any]) -> str:
                 gap_cell(metrics["fits"][row["probe"]]),
             ]
         )
-        cells = [str(layer)]
-        for name in ("probe_embedding_cosine", "probe_embedding_cka", "probe_embedding_procrustes"):
-            entry = found[(name, layer)]
-            cells += [ci(entry["observed"], entry["ci"]), diff(entry, "random_init")]
-        similarity.append(cells)
+        if ("probe_embedding_cosine", layer) in found:  # softmax: rows of the probe matrix
+            cells = [str(layer)]
+            for name in (
+                "probe_embedding_cosine",
+                "probe_embedding_cka",
+                "probe_embedding_procrustes",
+            ):
+                entry = found[(name, layer)]
+                cells += [ci(entry["observed"], entry["ci"]), diff(entry, "random_init")]
+            similarity.append(cells)
         ratio = found[("weight_to_variance_bottom_half", layer)]
         mass.append(
             [str(layer), shares(found, layer), ratio_cell(ratio), diff(ratio, "random_init"),
              diff(ratio, "control_task")]
         )  # fmt: skip
-    return "\n\n".join(
-        [
-            table(
-                ["layer", "top-1", "minus the layer before (paired)", "random-init top-1",
-                 "difference", "control-task top-1", "selectivity", "relative gap"],
-                accuracy,
-            ),
-            table(
-                ["layer", "cosine", "random-init (difference)", "CKA", "random-init (difference)",
-                 "Procrustes residual", "random-init (difference)"],
-                similarity,
-            ),
-            table(
-                ["layer", "weight / variance share of the bottom half", "ratio (same-kind null)",
-                 "random-init ratio (difference)", "control-task ratio (difference)"],
-                mass,
-            ),
-        ]
-    )  # fmt: skip
+    tables = [
+        table(
+            ["layer", "top-1", "minus the layer before (paired)", "random-init top-1",
+             "difference", "control-task top-1", "selectivity", "relative gap"],
+            accuracy,
+        ),
+        table(
+            ["layer", "cosine", "random-init (difference)", "CKA", "random-init (difference)",
+             "Procrustes residual", "random-init (difference)"],
+            similarity,
+        ) if similarity else "",
+        table(
+            ["layer", "weight / variance share of the bottom half", "ratio (same-kind null)",
+             "random-init ratio (difference)", "control-task ratio (difference)"],
+            mass,
+        ),
+    ]  # fmt: skip
+    return "\n\n".join(t for t in tables if t)
 
 
 def gap_cell(fit: dict[str, Any]) -> str:
