@@ -102,6 +102,7 @@ def plot_study(
     names = sorted({k for t in trials for k in t.params})
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
+        values = []
         for state, style in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "x")):
             points = [
                 (
@@ -116,6 +117,7 @@ def plot_study(
             points = [(x, y) for x, y in points if y is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=state.name.lower())
+                values += [y for _, y in points]
         if ridge_path is not None and name == "reg.strength":
             ax.plot(
                 ridge_path["strengths"],
@@ -130,6 +132,8 @@ def plot_study(
         distribution = next(t.distributions[name] for t in trials if name in t.distributions)
         if getattr(distribution, "log", False):
             ax.set_xscale("log")
+        if values and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")  # a pruned trial's loss would flatten the rest
         ax.set_xlabel(name)
         ax.set_ylabel("objective (pruned: last reported)")
         ax.grid(alpha=0.3)
