@@ -7,10 +7,12 @@ python docs/readme_tables.py mdl     <job dir>                # online code leng
 python docs/readme_tables.py lenses  <job dir>                # the lenses side by side
 python docs/readme_tables.py readout <job dir>                # logit-lens read-out, projections
 python docs/readme_tables.py offsets <sweep dir>              # top-1 by layer and target offset
+python docs/readme_tables.py study   <study dir>              # an Optuna study's trials
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -247,10 +249,44 @@ def offsets_table(sweep: Path) -> str:
     return table(["layer", *(f"offset {o:+d}" for o in offsets)], rows)
 
 
+def study_table(study: Path) -> str:
+    """One row per trial of an Optuna study (trials.csv), with each probed layer's validation
+    NLL and top-1, and its test top-1 where the trial finished."""
+    rows = []
+    for trial in csv.DictReader((study / "trials.csv").open()):
+        strength = float(trial["reg.strength"])
+        cells = [trial["number"], f"{strength:.2e}", trial["state"].lower()]
+        path = study / f"trial_{trial['number']}" / "metrics.json"
+        if trial["state"] != "COMPLETE" or not path.exists():
+            value = f"{float(trial['value']):.4f} (last reported)" if trial["value"] else "-"
+            rows.append([*cells, value, "-", "-"])
+            continue
+        metrics = json.loads(path.read_text())
+        layers = metrics["layers"]
+        gaps = max(metrics["fits"][r["probe"]]["gap_rel"] for r in layers)
+        rows.append(
+            [
+                *cells,
+                f"{float(trial['value']):.4f}",
+                "; ".join(
+                    f"{r['layer']}: {r['val_nll']:.4f} / {r['val_top1']:.3f}" for r in layers
+                ),
+                "; ".join(f"{r['layer']}: {ci(r['top1'], r['top1_ci'])}" for r in layers)
+                + f" (gaps <= {gaps:.1e})",
+            ]
+        )
+    return table(
+        ["trial", "strength", "state", "objective (mean val NLL)",
+         "layer: val NLL / val top-1", "layer: test top-1"],
+        rows,
+    )  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     kind, where = argv[0], Path(argv[1])
-    if kind in ("bases", "offsets"):
-        print(bases_table(where) if kind == "bases" else offsets_table(where))
+    sweeps = {"bases": bases_table, "offsets": offsets_table, "study": study_table}
+    if kind in sweeps:
+        print(sweeps[kind](where))
         return 0
     metrics = json.loads((where / "metrics.json").read_text())
     tables = {
