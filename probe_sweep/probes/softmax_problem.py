@@ -58,6 +58,7 @@ class SoftmaxProblem:
     def __post_init__(self) -> None:
         self.started = time.perf_counter()  # set-up (a pass, the eigendecomposition) counts
         self.device = self.mean.device
+        # passes move to float64 near the optimum; Hessian products stay in the rows' precision
         self.dtype = self.hessian_dtype = self.mean.dtype
         self.n = len(self.rows)
         d, k = self.rows.d, self.n_classes
@@ -236,15 +237,15 @@ class SoftmaxProblem:
         and the certificate keep the pass's precision."""
         self.products += 1
         v_w, v_b = vector
-        low = self.hessian_dtype
-        vw, vb = v_w.to(low), v_b.to(low)
+        dtype = self.hessian_dtype
+        vw, vb = v_w.to(dtype), v_b.to(dtype)
         out_w = torch.zeros_like(v_w)
         out_b = torch.zeros_like(v_b)
         kept = iter(at.probs)
         for i, (x, _) in enumerate(self.chunks()):
             if i not in self.hessian_chunks:
                 continue
-            p, x = next(kept), x.to(low)
+            p, x = next(kept), x.to(dtype)
             r = torch.addmm(vb, x, vw.T).mul_(p)
             r.addcmul_(p, r.sum(1, keepdim=True), value=-1)
             out_w += (r.T @ x).double()
