@@ -58,8 +58,7 @@ class SoftmaxProblem:
     def __post_init__(self) -> None:
         self.started = time.perf_counter()  # set-up (a pass, the eigendecomposition) counts
         self.device = self.mean.device
-        # passes move to float64 near the optimum; Hessian products stay in the rows' precision
-        self.dtype = self.hessian_dtype = self.mean.dtype
+        self.dtype = self.mean.dtype
         self.n = len(self.rows)
         d, k = self.rows.d, self.n_classes
         n_chunks = max(1, math.ceil(self.n / self.chunk))
@@ -90,6 +89,12 @@ class SoftmaxProblem:
         self.eigvals, self.eigvecs = torch.linalg.eigh(covariance)
         self.eigvals.clamp_(min=0)
         self.passes = self.products = 0
+
+    @property
+    def hessian_dtype(self) -> torch.dtype:
+        """The rows' precision: passes move to float64 near the optimum, Hessian products
+        do not."""
+        return self.mean.dtype
 
     def snapshot(
         self, iteration: int, value: float, gap_rel: float | None
