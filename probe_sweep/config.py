@@ -160,6 +160,7 @@ def to_typed(cfg: DictConfig) -> Config:
         data.val_fraction + data.test_fraction < 1,
         "data.val_fraction + data.test_fraction must be below 1 (the rest is for training)",
     )
+    check_unseen_by_model(config)
     _check(0 < probe.tol < 1, f"probe.tol={probe.tol} must lie strictly between 0 and 1")
     check_objective(config.tuning)
     _check(
@@ -167,6 +168,31 @@ def to_typed(cfg: DictConfig) -> Config:
         f"device={config.device!r} is not one of auto, cpu, cuda, cuda:<index>",
     )
     return config
+
+
+def check_unseen_by_model(config: Config) -> None:
+    """``data.unseen_by_model`` needs a model trained here, on this corpus, in sequences of this
+    length: only then are its held-out sequences known."""
+    data, model = config.data, config.model
+    if not data.unseen_by_model:
+        return
+    training = model.training
+    _check(
+        training is not None,
+        f"data.unseen_by_model=true needs a model trained here (one with model.training, e.g. "
+        f"model=sotu-gpt2); model {model.name!r} has none: drop the setting",
+    )
+    assert training is not None
+    _check(
+        data.source.value == training.corpus,
+        f"data.unseen_by_model=true: model {model.name!r} was trained on {training.corpus}, "
+        f"not data={data.source.value}; use data={training.corpus}",
+    )
+    _check(
+        data.seq_len == training.seq_len,
+        f"data.unseen_by_model=true: model {model.name!r} was trained on sequences of "
+        f"{training.seq_len} tokens; set data.seq_len={training.seq_len}",
+    )
 
 
 def compose_config(overrides: list[str]) -> Config:

