@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,7 @@ class Pass:
     lse_mean: float  # mean_i logsumexp(z_i)
     curvature: torch.Tensor  # c_k = mean_i p_ik (1 - p_ik)
     curvature_x: torch.Tensor  # mean_i p_ik (1 - p_ik) x_i'
-    probs: list[torch.Tensor] = field(default_factory=list)  # per kept chunk, for H v
+    probs: torch.Tensor | None = None  # the Hessian's chunks' rows, one block, for H v
 
 
 @dataclass
@@ -65,8 +65,9 @@ class SoftmaxProblem:
         budget = self.memory_mb * 2**20
         row_bytes = (d + k) * self.mean.element_size()
         self.held: list[Chunk] | None = [] if self.n * row_bytes <= budget else None
-        # chunks whose probabilities are kept for Hessian-vector products: all that fit
-        kept = max(1, min(n_chunks, budget // max(self.chunk * row_bytes, 1)))
+        # chunks whose probabilities are kept for Hessian-vector products: all that fit in half
+        # the budget, as a Newton step holds two passes' (the current point's and the trial's)
+        kept = max(1, min(n_chunks, budget // 2 // max(self.chunk * row_bytes, 1)))
         self.hessian_chunks = set(torch.linspace(0, n_chunks - 1, kept).round().long().tolist())
         class_x = torch.zeros(k, d, dtype=torch.float64, device=self.device)
         counts = torch.zeros(k, dtype=torch.float64, device=self.device)
@@ -154,7 +155,13 @@ class SoftmaxProblem:
         prob_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
         curv_sum = torch.zeros_like(prob_sum)
         lse_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        probs = []
+        # one block, not a tensor per chunk: freed chunks between kept ones fragment the heap
+        probs = (
+            torch.empty(self.hessian_rows, k, dtype=self.hessian_dtype, device=self.device)
+            if keep
+            else None
+        )
+        row = 0
         for i, (x, p, lse) in enumerate(scored):
             lse_sum += lse.sum(dtype=torch.float64)
             prob_x += (p.T @ x).double()
@@ -163,8 +170,9 @@ class SoftmaxProblem:
                 curv = p * (1 - p)
                 curv_sum += curv.sum(0, dtype=torch.float64)
                 curv_x += (curv.T @ x).double()
-            if keep and i in self.hessian_chunks:
-                probs.append(p.to(self.hessian_dtype))
+            if probs is not None and i in self.hessian_chunks:
+                probs[row : row + len(p)].copy_(p)
+                row += len(p)
         n = max(self.n, 1)
         prob_x, prob_mean = prob_x / n, prob_sum / n
         lse_mean = lse_sum.item() / n
@@ -246,11 +254,13 @@ class SoftmaxProblem:
         vw, vb = v_w.to(dtype), v_b.to(dtype)
         out_w = torch.zeros_like(v_w)
         out_b = torch.zeros_like(v_b)
-        kept = iter(at.probs)
+        assert at.probs is not None, "a pass evaluated with keep=True"
+        row = 0
         for i, (x, _) in enumerate(self.chunks()):
             if i not in self.hessian_chunks:
                 continue
-            p, x = next(kept), x.to(dtype)
+            p, x = at.probs[row : row + len(x)], x.to(dtype)
+            row += len(x)
             r = torch.addmm(vb, x, vw.T).mul_(p)
             r.addcmul_(p, r.sum(1, keepdim=True), value=-1)
             out_w += (r.T @ x).double()

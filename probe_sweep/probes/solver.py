@@ -25,9 +25,10 @@ uncertified.
 
 Passes are in float32 until the predicted decrease of a step falls below what float32 resolves
 of the objective, then in float64 (float64 throughout when the rows are), summed in float64
-across chunks. Rows and probabilities stay in memory up to ``memory_mb``, beyond which the rows
-are streamed and the Hessian uses an evenly spread subsample of chunks (the gradient, and so
-the certificate, stays exact).
+across chunks. Rows stay in memory up to ``memory_mb``, beyond which they are streamed; a pass
+keeps its probabilities for Hessian products up to half of it (a Newton step holds two passes),
+beyond which the Hessian uses an evenly spread subsample of chunks (the gradient, and so the
+certificate, stays exact).
 """
 
 from __future__ import annotations
