@@ -101,7 +101,7 @@ def check_inputs(config: Config) -> None:
 def extract(config: Config, device: torch.device) -> tuple[Activations, Activations | None]:
     """The hidden states of the model and, for the random-init baseline, of the same
     architecture with random weights (init seed = seed + 1, so it differs from a model that is
-    itself random)."""
+    itself random), on the same corpus, built once."""
     trained = cache_activations(config, device)
     stats = config.statistics
     if not (stats.enabled and stats.random_init_baseline):
@@ -109,7 +109,7 @@ def extract(config: Config, device: torch.device) -> tuple[Activations, Activati
     baseline = dataclasses.replace(
         config, model=dataclasses.replace(config.model, random_init=True)
     )
-    return trained, cache_activations(baseline, device, config.seed + 1)
+    return trained, cache_activations(baseline, device, config.seed + 1, trained.corpus)
 
 
 def prepare(

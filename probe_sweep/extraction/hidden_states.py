@@ -74,16 +74,20 @@ def probe_corpus(config: Config, tokenizer: Any, max_positions: int) -> Corpus:
 
 
 def cache_activations(
-    config: Config, device: torch.device, init_seed: int | None = None
+    config: Config,
+    device: torch.device,
+    init_seed: int | None = None,
+    corpus: Corpus | None = None,
 ) -> Activations:
     """Check the model, layers, corpus and target, then load the model and cache its hidden
     states (or reuse them). ``init_seed``: the seed of random weights (default: the job's
-    seed)."""
+    seed). ``corpus``: the job's corpus when another model of the job has built it."""
     tokenizer = load_tokenizer(config.model)
     info = inspect_model(config.model, len(tokenizer))
     warn_if_mislabelled(config.model.name, config.model.path)
     layers = resolve_layers(config.layers, info.n_layers)
-    corpus = probe_corpus(config, tokenizer, info.max_positions)
+    if corpus is None:
+        corpus = probe_corpus(config, tokenizer, info.max_positions)
     n_content = corpus.targets.shape[1]
     if abs(config.target.offset) >= n_content:
         raise UserError(
