@@ -180,12 +180,16 @@ def test_trained_decoder_resumes_exactly_beats_unigram_and_loads_as_a_model(
     perplexity = record["perplexity"]  # 2k test tokens: intervals overlap at this size
     assert perplexity["decoder"]["value"] < perplexity["unigram"]["value"], perplexity
 
-    run_cli(
-        [*probe, "hydra.run.dir=out", "statistics.random_init_baseline=false"],
+    # Probed only on the sequences its training held out: 64 of its 322, 3,968 tokens.
+    unseen = [*SMALL_DECODER, "data.token_budget=3000", "data.seq_len=64", "tracker.mode=disabled"]
+    probed = run_cli(
+        [*unseen, "data.unseen_by_model=true", "hydra.run.dir=out"],
         cwd=tmp_path,
         env={"PROBE_SWEEP_MODELS": str(tmp_path / "a")},
     )
+    assert "48 sequences x 62 tokens, held out from the model's training" in probed.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["counts"]["n_sequences"] == 48
     assert metrics["model"]["name"] == "sotu-gpt2" and metrics["model"]["n_layers"] == 1
     assert metrics["model"]["path"].endswith("a/sotu-gpt2")
     assert [row["layer"] for row in metrics["layers"]] == [0, 1]
