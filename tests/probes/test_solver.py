@@ -207,6 +207,27 @@ def test_streamed_rows_with_a_subsampled_hessian_reach_the_certified_optimum() -
     assert (a - b).norm().item() <= limit * 1.01
 
 
+def test_a_pass_keeps_its_hessian_probabilities_in_one_block_within_half_the_budget() -> None:
+    x, y, _ = overlapping(n=30_000)
+    mean, scale = standardisation(in_memory(x, y))
+    chunk, budget_mb = 257, 1
+    problem = softmax_problem.SoftmaxProblem(
+        in_memory(x, y), 12, mean, scale, 1e-3, 0.0, chunk, budget_mb
+    )
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    bias = torch.randn(12, generator=g, dtype=torch.float64)
+    kept = problem.evaluate((weight, bias)).probs
+    assert kept is not None and kept.is_contiguous()
+    assert 0 < problem.hessian_rows < len(y) and kept.shape == (problem.hessian_rows, 12)
+    assert kept.numel() * kept.element_size() <= budget_mb * 2**20 // 2
+    # the kept chunks' probabilities, in chunk order
+    starts = [i * chunk for i in sorted(problem.hessian_chunks)]
+    rows = torch.cat([torch.arange(start, min(start + chunk, len(y))) for start in starts])
+    logits = ((x - mean) / scale) @ weight.float().T + bias.float()
+    torch.testing.assert_close(kept, logits.softmax(1)[rows], rtol=1e-4, atol=1e-6)
+
+
 def test_chunk_size_follows_the_memory_budget() -> None:
     assert softmax_problem.chunk_rows(64, d=384, n_classes=2000) == 64 * 2**20 // (4 * 4384)
     assert softmax_problem.chunk_rows(1, d=1600, n_classes=50257) == 64  # never below 64 rows
