@@ -182,8 +182,9 @@ def test_trained_decoder_resumes_exactly_beats_unigram_and_loads_as_a_model(
 
     # Probed only on the sequences its training held out: 64 of its 322, 3,968 tokens.
     unseen = [*SMALL_DECODER, "data.token_budget=3000", "data.seq_len=64", "tracker.mode=disabled"]
+    unseen += ["data.unseen_by_model=true", "statistics.random_init_baseline=false"]
     probed = run_cli(
-        [*unseen, "data.unseen_by_model=true", "hydra.run.dir=out"],
+        [*unseen, "hydra.run.dir=out"],
         cwd=tmp_path,
         env={"PROBE_SWEEP_MODELS": str(tmp_path / "a")},
     )
