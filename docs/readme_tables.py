@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from probe_sweep.report.offsets import offset_change_table, offset_grids, offset_table
+
 
 def ci(value: float | None, interval: list | None, digits: int = 3) -> str:
     if value is None:
@@ -229,24 +231,10 @@ def readout_table(metrics: dict[str, Any]) -> str:
 
 
 def offsets_table(sweep: Path) -> str:
-    by_offset = {}
-    for path in sorted(sweep.glob("*/metrics.json")):
-        metrics = json.loads(path.read_text())
-        by_offset[metrics["probe"]["target_offset"]] = metrics
-    offsets = sorted(by_offset)
-    layers = [r["layer"] for r in by_offset[offsets[0]]["layers"]]
-    rows = []
-    for i, layer in enumerate(layers):
-        rows.append(
-            [
-                str(layer),
-                *(
-                    ci(by_offset[o]["layers"][i]["top1"], by_offset[o]["layers"][i]["top1_ci"])
-                    for o in offsets
-                ),
-            ]
-        )
-    return table(["layer", *(f"offset {o:+d}" for o in offsets)], rows)
+    """The sweep report's tables: top-1 by layer and offset, and each layer minus the first."""
+    jobs = [([], json.loads(path.read_text())) for path in sorted(sweep.glob("*/metrics.json"))]
+    (grid,) = offset_grids(jobs).values()
+    return "\n".join([*offset_table(grid), "", *offset_change_table(grid)])
 
 
 def study_table(study: Path) -> str:

@@ -72,11 +72,15 @@ class RandomInitScores:
 
 @dataclass(frozen=True)
 class DepthScores:
-    """This layer's identity-probe top-1 minus the previous probed layer's, paired."""
+    """This layer's identity-probe top-1 minus the previous probed layer's and minus the first
+    probed layer's, each paired (the first: how much the layers so far changed in all)."""
 
     top1_minus_previous_layer: float = shown(compared=True)
     previous_layer: Count
     top1_minus_previous_layer_ci: Interval | None = None
+    top1_minus_first_layer: float | None = None
+    first_layer: Count | None = None
+    top1_minus_first_layer_ci: Interval | None = None
 
 
 @dataclass(frozen=True)

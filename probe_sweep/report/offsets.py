@@ -39,6 +39,27 @@ def offset_table(grid: Grid) -> list[str]:
     return markdown_table(["layer", *[f"offset {o:+d}" for o in offsets]], rows)
 
 
+def offset_change_table(grid: Grid) -> list[str]:
+    """Markdown: per layer after the first and per offset, top-1 minus the first probed layer's
+    with its paired interval (the same held-out tokens); empty when the jobs did not compute
+    it (``statistics.layer_differences``)."""
+    offsets = sorted(grid)
+    layers = sorted({layer for by_layer in grid.values() for layer in by_layer})
+    cells = {
+        (o, layer): (row.get("top1_minus_first_layer"), row.get("top1_minus_first_layer_ci"))
+        for o in offsets
+        for layer, row in grid[o].items()
+    }
+    if all(value is None for value, _ in cells.values()):
+        return []
+    rows = [
+        [layer, *[interval_cell(*cells.get((o, layer), (None, None))) for o in offsets]]
+        for layer in layers[1:]
+    ]
+    header = [f"layer minus layer {layers[0]}", *[f"offset {o:+d}" for o in offsets]]
+    return markdown_table(header, rows)
+
+
 def _top1(row: dict[str, Any] | None) -> tuple[Any, Any]:
     return (row.get("top1"), row.get("top1_ci")) if row else (None, None)
 
@@ -83,4 +104,8 @@ def offset_sections(jobs: list[tuple[list[str], dict[str, Any]]], sweep_dir: Pat
         plot_offset_map(grid, sweep_dir / name, title)
         lines += [f"Jobs with {rest or 'the same settings'}:", "", f"![{title}]({name})", ""]
         lines += [*offset_table(grid), ""]
+        change = offset_change_table(grid)
+        if change:
+            lines += ["Each layer minus the first, paired (the same held-out tokens):", ""]
+            lines += [*change, ""]
     return lines

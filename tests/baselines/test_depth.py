@@ -30,3 +30,7 @@ def test_differences_are_paired_and_the_first_layer_has_none() -> None:
     # Paired: the interval is of the difference (a few % wide), and it excludes 0.
     assert low <= one.top1_minus_previous_layer <= high < 0
     assert two.top1_minus_previous_layer == 0 and two.top1_minus_previous_layer_ci == [0.0, 0.0]
+    # Minus the first layer: layer 2 has lost what layer 1 lost, with the same interval.
+    assert one.first_layer == two.first_layer == 0
+    assert two.top1_minus_first_layer == pytest.approx(one.top1_minus_previous_layer)
+    assert two.top1_minus_first_layer_ci == pytest.approx(one.top1_minus_previous_layer_ci)

@@ -82,12 +82,17 @@ def test_the_sweep_report_maps_top1_by_layer_and_offset(tmp_path: Path) -> None:
         metrics["probe"]["target_offset"] = offset
         for row in metrics["layers"]:
             row["top1"], row["top1_ci"] = top1 + row["layer"] / 100, [top1 - 0.01, top1 + 0.01]
+            if row["layer"] > 0:
+                row["top1_minus_first_layer"] = row["layer"] / 100
+                row["top1_minus_first_layer_ci"] = [0.0, row["layer"] / 50]
         jobs.append(([f"target.offset={offset}", "basis=pca"], metrics))
     other = sample_metrics(statistics=False)  # another basis, one offset: no map of its own
     jobs.append((["target.offset=0", "basis=natural"], other))
     lines = offset_sections(jobs, tmp_path)
     assert (tmp_path / "report_offset_map_0.png").stat().st_size > 0
     assert not (tmp_path / "report_offset_map_1.png").exists()
-    table = [line for line in lines if line.startswith("| 1 |")]
-    assert table == ["| 1 | 0.310 [0.290, 0.310] | 0.910 [0.890, 0.910] | 0.060 [0.040, 0.060] |"]
+    table, change = [line for line in lines if line.startswith("| 1 |")]
+    assert table == "| 1 | 0.310 [0.290, 0.310] | 0.910 [0.890, 0.910] | 0.060 [0.040, 0.060] |"
     assert "| layer | offset -1 | offset +0 | offset +1 |" in lines
+    assert change == "| 1 | 0.010 [0.000, 0.020] | 0.010 [0.000, 0.020] | 0.010 [0.000, 0.020] |"
+    assert "| layer minus layer 0 | offset -1 | offset +0 | offset +1 |" in lines
