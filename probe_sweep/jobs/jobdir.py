@@ -101,6 +101,21 @@ def not_in_key() -> list[str]:
     return list(NOT_IN_KEY)
 
 
+MAX_DIR_NAME = 200  # characters of a job dir's name; most file systems allow 255 bytes
+
+
+def job_dir_name(number: int, overrides: str) -> str:
+    """A multirun job's dir name (resolver ``${probe_sweep_job_dir:...}``): its number and
+    overrides, as Hydra names it, cut to ``MAX_DIR_NAME`` with a digest of the whole override
+    string in place of the rest, so a long sweep line does not fail at mkdir and two jobs'
+    names still differ. The full overrides are in each job's .hydra/overrides.yaml."""
+    name = f"{number}_{overrides}"
+    if len(name) <= MAX_DIR_NAME:
+        return name
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:12]
+    return f"{name[: MAX_DIR_NAME - len(digest) - 3]}..{digest}"
+
+
 # --- metrics.json ------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
-from probe_sweep.jobs.jobdir import not_in_key
+from probe_sweep.jobs.jobdir import job_dir_name, not_in_key
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ def local_jobs() -> int:
 
 def prepare_launchers() -> None:
     """Register the resolvers the launcher presets and conf/config.yaml use."""
+    if not OmegaConf.has_resolver("probe_sweep_job_dir"):
+        OmegaConf.register_new_resolver("probe_sweep_job_dir", job_dir_name)
     if not OmegaConf.has_resolver("probe_sweep_not_in_key"):
         OmegaConf.register_new_resolver("probe_sweep_not_in_key", not_in_key)
     if not OmegaConf.has_resolver("probe_sweep_local_jobs"):

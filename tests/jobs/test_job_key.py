@@ -66,3 +66,25 @@ def test_the_list_is_there_for_hydra_job_dir_names() -> None:
         )
     excluded = OmegaConf.to_container(cfg.hydra.job.config.override_dirname, resolve=True)
     assert excluded["exclude_keys"] == list(jobdir.NOT_IN_KEY)  # type: ignore[index]
+
+
+def test_a_long_sweep_line_names_job_dirs_that_can_be_made(tmp_path) -> None:
+    """conf/config.yaml's sweep subdir: Hydra's name when short; cut, with a digest of the
+    whole override string, when it would pass the file system's limit (a sweep over many
+    settings failed at mkdir with "File name too long")."""
+    register_schema()
+    prepare_launchers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    short = "basis=pca,target.offset=-1"
+    common = ",".join(f"statistics.setting_{i}=False" for i in range(20))
+    names = []
+    for overrides in (short, f"{common},target.offset=-2", f"{common},target.offset=-1"):
+        cfg.hydra.job.num = 3
+        cfg.hydra.job.override_dirname = overrides
+        names.append(OmegaConf.to_container(cfg.hydra.sweep, resolve=True)["subdir"])  # type: ignore[index]
+    assert names[0] == f"3_{short}"
+    assert all(len(name) <= jobdir.MAX_DIR_NAME for name in names[1:])
+    assert names[1] != names[2] and names[1].startswith("3_statistics.setting_0=False,")
+    for name in names:
+        (tmp_path / name).mkdir()
