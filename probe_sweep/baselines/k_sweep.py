@@ -7,6 +7,7 @@ seeds, is the control that tells "stored in the directions the embedding uses li
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from probe_sweep.intervals import SequenceBootstrap, interval
 from probe_sweep.probes.kinds import ProbeKind, ProbeTask
 from probe_sweep.probes.linear import ProbeConfig, RegConfig, token_scores
 from probe_sweep.probes.rows import Rows
+from probe_sweep.progress import duration, log
 from probe_sweep.results import KPoint
 from probe_sweep.subspaces import COORDINATE, coordinate_subsets, haar_frames
 
@@ -63,7 +65,7 @@ def accuracy_against_k(
     """Held-out top-1 (with its sequence-bootstrap interval) of a probe of the job's kind fitted
     on k directions, for every k, kind of subset and seed."""
     points = []
-    size = train.d
+    size, start = train.d, time.perf_counter()
     for k in sorted(k for k in ks if 0 < k <= size):
         for which, draw, projection in projections(size, k, null_kind, seeds, seed):
             on_k = ProbeTask(train.map(lambda x, p=projection: project(x, p), k), targets)
@@ -77,6 +79,11 @@ def accuracy_against_k(
                     top1_ci=interval(bootstrap.draws(correct)),
                 )
             )  # fmt: skip
+        at_k = {p.kind: p.top1 for p in points if p.k == k and p.kind != "random"}
+        log.info(
+            "layer %d: accuracy against k, k=%d: top %.3f, bottom %.3f (%d random draws), %s",
+            layer, k, at_k["top"], at_k["bottom"], seeds, duration(time.perf_counter() - start),
+        )  # fmt: skip
     return points
 
 
