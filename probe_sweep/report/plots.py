@@ -79,14 +79,22 @@ def plot_accuracy_by_layer(results: list[LayerResult], path: Path, title: str) -
     save_figure(fig, path, dpi=120)
 
 
+MAX_PANELS_PER_ROW = 4
+
+
 def plot_accuracy_vs_k(points: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
     """Top-1 against k, one panel per layer: top-k and bottom-k with 95% intervals, and the
     random-k control as a band over its seeds (min to max) around their mean. ``points``: a
     label (a job; "" for one) -> the ``accuracy_vs_k`` records."""
     layers = sorted({p["layer"] for pts in points.values() for p in pts})
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False)
+    n_rows = -(-len(layers) // MAX_PANELS_PER_ROW)
+    n_cols = -(-len(layers) // n_rows)
+    fig, grid = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.6 * n_rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(layers) :]:
+        ax.set_visible(False)
     single = len(points) == 1
-    for ax, layer in zip(axes[0], layers, strict=True):
+    for ax, layer in zip(axes, layers, strict=False):
         for i, (label, pts) in enumerate(points.items()):
             job_color = plt.get_cmap("tab10")(i % 10)
             here = [p for p in pts if p["layer"] == layer]
@@ -114,8 +122,9 @@ def plot_accuracy_vs_k(points: dict[str, list[dict[str, Any]]], path: Path, titl
         ax.set_xlabel("k directions")
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out top-1")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for row in grid:
+        row[0].set_ylabel("held-out top-1")
+    axes[len(layers) - 1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
