@@ -40,6 +40,7 @@ def log_fit(name: str, c: dict[str, Any]) -> None:
     """One line per fit (``c``: its convergence record): logs and SLURM files get this instead
     of progress bars. A fit short of its tolerance is a warning."""
     if c.get("solver") == "closed_form":
+        log.info("%s: fitted in closed form (exact, no gap to certify)", name)
         return
     if "gap_rel" in c:
         gap = c["gap_rel"]
