@@ -177,12 +177,22 @@ def mdl_table(metrics: dict[str, Any]) -> str:
                 f"{row[task + 'codelength_bits'] / 1000:,.1f}",
                 f"{row[task + 'uniform_bits'] / 1000:,.1f}",
                 f"{row[task + 'compression']:.2f}",
+                orders_cell(row, task),
                 "yes" if row[task + "all_converged"] else "no",
             ]
         rows.append(cells)
-    header = ["layer", "token: online kbit", "uniform kbit", "compression", "all fits converged"]
-    header += ["control: online kbit", "uniform kbit", "compression", "all fits converged"]
+    header = ["layer", "token: online kbit", "uniform kbit", "compression", "range over orders"]
+    header += ["all fits converged", "control: online kbit", "uniform kbit", "compression"]
+    header += ["range over orders", "all fits converged"]
     return table(header, rows)
+
+
+def orders_cell(row: dict[str, Any], task: str) -> str:
+    """The lowest and highest compression of one seeded order of the rows, and how many."""
+    spread = row.get(task + "compression_range")
+    if not spread:
+        return "one order"
+    return f"{spread[0]:.2f}-{spread[1]:.2f} ({row[task + 'n_orders']} orders)"
 
 
 def lens_table(metrics: dict[str, Any]) -> str:
