@@ -127,22 +127,24 @@ def bases_table(sweep: Path) -> str:
         for row in metrics["layers"]:
             layer = row["layer"]
             ratio = found[("weight_to_variance_bottom_half", layer)]
-            cos = found[("probe_embedding_cosine", layer)]
+            cos = found.get(("probe_embedding_cosine", layer))  # softmax only
             fit = metrics["fits"][row["probe"]]
             rows.append(
                 [
                     basis,
                     str(layer),
                     ci(row["top1"], row.get("top1_ci")),
-                    str(fit.get("iterations")),
+                    str(fit.get("iterations", "-")),
                     gap_cell(fit),
-                    ci(cos["observed"], cos["ci"]),
+                    ci(cos["observed"], cos["ci"]) if cos else "-",
                     shares(found, layer),
                     f"{ratio_cell(ratio)} ({ratio['null']})",
+                    diff(ratio, "control_task"),
                 ]
             )
     header = ["basis", "layer", "top-1", "Newton iterations", "relative gap", "cosine to W_E",
-              "weight / variance share, bottom half", "ratio (null: p)"]  # fmt: skip
+              "weight / variance share, bottom half", "ratio (null: p)",
+              "control-task ratio (difference)"]  # fmt: skip
     return table(header, rows)
 
 
