@@ -31,43 +31,41 @@ def offset_grids(jobs: list[tuple[list[str], dict[str, Any]]]) -> dict[str, Grid
 
 def offset_table(grid: Grid) -> list[str]:
     """Markdown: one row per layer, one column per offset, top-1 with its 95% interval."""
-    offsets = sorted(grid)
-    layers = sorted({layer for by_layer in grid.values() for layer in by_layer})
-    rows = [
-        [layer, *[interval_cell(*_top1(grid[o].get(layer))) for o in offsets]] for layer in layers
-    ]
-    return markdown_table(["layer", *[f"offset {o:+d}" for o in offsets]], rows)
+    return _layer_by_offset(grid, "top1", "layer", _layers(grid))
 
 
 def offset_change_table(grid: Grid) -> list[str]:
     """Markdown: per layer after the first and per offset, top-1 minus the first probed layer's
     with its paired interval (the same held-out tokens); empty when the jobs did not compute
     it (``statistics.layer_differences``)."""
-    offsets = sorted(grid)
-    layers = sorted({layer for by_layer in grid.values() for layer in by_layer})
-    cells = {
-        (o, layer): (row.get("top1_minus_first_layer"), row.get("top1_minus_first_layer_ci"))
-        for o in offsets
-        for layer, row in grid[o].items()
-    }
-    if all(value is None for value, _ in cells.values()):
+    field = "top1_minus_first_layer"
+    if all(row.get(field) is None for by_layer in grid.values() for row in by_layer.values()):
         return []
+    first, *later = _layers(grid)
+    return _layer_by_offset(grid, field, f"layer minus layer {first}", later)
+
+
+def _layers(grid: Grid) -> list[int]:
+    return sorted({layer for by_layer in grid.values() for layer in by_layer})
+
+
+def _layer_by_offset(grid: Grid, field: str, corner: str, layers: list[int]) -> list[str]:
+    """One row per layer, one column per offset: ``field`` with its interval (``field_ci``)."""
+    offsets = sorted(grid)
     rows = [
-        [layer, *[interval_cell(*cells.get((o, layer), (None, None))) for o in offsets]]
-        for layer in layers[1:]
+        [layer, *[interval_cell(*_cell(grid[o].get(layer), field)) for o in offsets]]
+        for layer in layers
     ]
-    header = [f"layer minus layer {layers[0]}", *[f"offset {o:+d}" for o in offsets]]
-    return markdown_table(header, rows)
+    return markdown_table([corner, *[f"offset {o:+d}" for o in offsets]], rows)
 
 
-def _top1(row: dict[str, Any] | None) -> tuple[Any, Any]:
-    return (row.get("top1"), row.get("top1_ci")) if row else (None, None)
+def _cell(row: dict[str, Any] | None, field: str) -> tuple[Any, Any]:
+    return (row.get(field), row.get(f"{field}_ci")) if row else (None, None)
 
 
 def plot_offset_map(grid: Grid, path: Path, title: str) -> None:
     """Heat map of top-1 (layers down, offsets across), each cell annotated with its value."""
-    offsets = sorted(grid)
-    layers = sorted({layer for by_layer in grid.values() for layer in by_layer})
+    offsets, layers = sorted(grid), _layers(grid)
     values = np.array(
         [[(grid[o].get(layer) or {}).get("top1", np.nan) for o in offsets] for layer in layers],
         dtype=float,
