@@ -104,20 +104,18 @@ def test_multirun_runs_every_combination(tmp_path: Path) -> None:
 
 
 def test_minilm_job_meets_the_layer0_bar_with_converged_probes(tmp_path: Path) -> None:
-    """The real MiniLM weights on the offline corpus: the first and last layers (the full
-    default job, every layer with baselines, is the README's run, too slow for the suite). The
-    probes stop at a relative gradient of 1e-3, not the default 1e-4: 43 s instead of 126 s
-    alone, with the same top-1 to three places (0.971 and 0.917 against 0.971 and 0.916); the
-    solver's precision is test_solver's subject."""
-    args = ["layers=subset", "layers.indices=[0,6]", "data.token_budget=20000", "probe.tol=1e-3"]
+    """The real MiniLM weights on the offline corpus, layer 0 (the full default job, every layer
+    with baselines, is the README's run, too slow for the suite; a deeper layer's fit alone takes
+    four times layer 0's). The probe stops at a certified relative gap of 1e-2, not the default:
+    top-1 is 0.971 at 1e-2 and at 1e-3; the solver's precision is test_solver's subject."""
+    args = ["layers=subset", "layers.indices=[0]", "data.token_budget=20000", "probe.tol=1e-2"]
     run_cli([*args, "statistics.enabled=false", "hydra.run.dir=out"], cwd=tmp_path)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    rows = metrics["layers"]
-    assert [r["layer"] for r in rows] == [0, 6]
-    assert rows[0]["top1"] >= 0.95 and rows[0]["top1_ci"][0] < rows[0]["top1"]
-    assert rows[-1]["top1"] < rows[0]["top1"]
+    (row,) = metrics["layers"]
+    assert row["layer"] == 0 and row["top1"] >= 0.95, row
+    assert row["top1_ci"][0] < row["top1"] <= row["top1_ci"][1]
     assert metrics["probe"]["all_converged"] and all(
-        f["converged"] for f in metrics["fits"].values()
+        f["converged"] and f["certified"] for f in metrics["fits"].values()
     )
 
 

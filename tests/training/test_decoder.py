@@ -29,7 +29,8 @@ from probe_sweep.training.decoder import (
 from probe_sweep.training.ngram import Pairs, fit_ngrams
 from tests.conftest import run_cli, subprocess_timeout
 
-# A minutes-sized sotu-gpt2: one block of width 32, on the Python docs.
+# A minutes-sized sotu-gpt2: one block of width 32, on the Python docs (200 steps of 4 sequences
+# end below the unigram's test perplexity: 294 against 315).
 SMALL_DECODER = [
     "model=sotu-gpt2",
     "model.architecture.n_layer=1",
@@ -40,7 +41,7 @@ SMALL_DECODER = [
     "model.training.token_budget=20000",
     "model.training.seq_len=64",
     "model.training.steps=200",
-    "model.training.batch_size=8",
+    "model.training.batch_size=4",
     "model.training.lr=1e-2",
     "model.training.warmup_steps=10",
     "model.training.checkpoint_every=20",
