@@ -124,6 +124,7 @@ def test_bench_runs_end_to_end_and_appends_its_table(tmp_path: Path) -> None:
             "--seq-len=64",
             "--memory-budget=1000",
             "--repeats=1",
+            "--compare-layers=0",
             "--sk-budget=20",
             "--strengths=1e-4,1e-2",
         ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import struct
 from pathlib import Path
 
@@ -151,10 +152,18 @@ def test_report_can_be_written_again_from_the_command_line(tmp_path: Path) -> No
 
 @pytest.mark.e2e
 def test_multirun_gives_one_wandb_group_and_a_report(tmp_path: Path) -> None:
-    """The issue's acceptance run, on the tiny model: a 2-job sweep with no network."""
+    """The issue's acceptance run, on the tiny model: a 2-job sweep with no network. The second
+    job reuses the cache entry the first computed, computing none."""
     proc = run_cli(["-m", *TINY, "reg.strength=0,0.001", "hydra.sweep.dir=sweep"], cwd=tmp_path)
     sweep = tmp_path / "sweep"
     assert "Sweep report: " in proc.stdout + proc.stderr
+    strengths = [
+        json.loads(p.read_text())["probe"]["strength"] for p in sweep.glob("*/metrics.json")
+    ]
+    assert sorted(strengths) == [0.0, 0.001]
+    computed = re.findall(r"Cached activations for \d+ layers at (\S+)", proc.stdout)
+    reused = re.findall(r"Reusing cached activations (\S+)", proc.stdout)
+    assert computed and sorted(reused) == sorted(computed), proc.stdout
     infos = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/wandb_run.json"))]
     assert len(infos) == 2 and len({i["id"] for i in infos}) == 2
     assert {i["group"] for i in infos} == {"sweep"}
