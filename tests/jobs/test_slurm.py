@@ -168,24 +168,23 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
             ["scancel", "--signal=USR2", job_dir], check=True, timeout=subprocess_timeout()
         )
         # A requeued job goes back to PENDING with a begin time two minutes out; once it is
-        # pending again, move its start to now (an update sent before the requeue is overwritten).
-        # The first run is COMPLETING, already counted as a restart, until it exits. The second
-        # run may start and end between two polls, so RUNNING or an ended state ends the wait; a
-        # job that ended without a restart fails at once instead of at the deadline.
+        # pending again (an update sent before the requeue is overwritten), move its start to a
+        # few seconds from now, once. Not to now: the node revoked the first run's credential at
+        # the requeue, to the second, and a run launched within that second is killed at once
+        # ("Job credential revoked"), which leaves submitit waiting for a result that never comes.
+        moved = False
         deadline = time.monotonic() + subprocess_timeout()
-        while time.monotonic() < deadline:
+        while True:
             state = show_job(job_dir)
-            ended = any(f"JobState={s} " in state for s in ENDED)
-            if "Restarts=1" in state and "JobState=PENDING" in state:
-                subprocess.run(
-                    ["scontrol", "update", f"jobid={job_dir}", "StartTime=now"],
-                    timeout=subprocess_timeout(),
-                )
-            elif "Restarts=1" in state and ("JobState=RUNNING" in state or ended):
+            if any(f"JobState={s} " in state for s in ENDED):
                 break
-            assert not ended, f"the job ended without being requeued: {state}"
+            if not moved and "Restarts=1" in state and "JobState=PENDING" in state:
+                update = ["scontrol", "update", f"jobid={job_dir}", "StartTime=now+5"]
+                moved = subprocess.run(update, timeout=subprocess_timeout()).returncode == 0
+            assert time.monotonic() < deadline, f"the job did not end: {state}"
             time.sleep(0.5)
-        assert "Restarts=1" in state, state
+        assert "Restarts=1" in state, f"the job ended without being requeued: {state}"
+        assert "JobState=COMPLETED " in state, f"{state}\n{job_logs(sweep)}"
         out, _ = proc.communicate(timeout=subprocess_timeout())
     finally:
         if proc.poll() is None:
@@ -203,6 +202,14 @@ def test_a_timed_out_job_is_requeued_and_resumes_from_the_cache(
 
 # States of a job that has stopped for good; a requeued job is PENDING again, not one of these.
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def job_logs(sweep: Path) -> str:
+    """The last lines of each run's submitit logs, for a failure message."""
+    return "\n".join(
+        f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        for log in sorted((sweep / ".submitit").glob("*/*_log.*"))
+    )
 
 
 def show_job(job_id: str) -> str:
