@@ -5,6 +5,7 @@ and the certificate on f - f* (``solver.py`` holds the objective's statement and
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from probe_sweep.probes.rows import Rows
+
+log = logging.getLogger(__name__)
 
 Params = tuple[torch.Tensor, torch.Tensor]  # weight (classes x d), bias (classes), float64
 Chunk = tuple[torch.Tensor, torch.Tensor]  # standardised inputs, labels
@@ -69,6 +72,14 @@ class SoftmaxProblem:
         # the budget, as a Newton step holds two passes' (the current point's and the trial's)
         kept = max(1, min(n_chunks, budget // 2 // max(self.chunk * row_bytes, 1)))
         self.hessian_chunks = set(torch.linspace(0, n_chunks - 1, kept).round().long().tolist())
+        if kept < n_chunks:
+            log.warning(
+                "The Newton steps use %d of %d chunks of rows (probe.memory_mb=%d): a class whose "
+                "rows are all left out has no curvature in them, which costs many-class fits "
+                "rejected steps and iterations; probe.memory_mb=%d holds every row's probabilities",
+                kept, n_chunks, self.memory_mb,
+                math.ceil(2 * n_chunks * self.chunk * row_bytes / 2**20),
+            )  # fmt: skip
         class_x = torch.zeros(k, d, dtype=torch.float64, device=self.device)
         counts = torch.zeros(k, dtype=torch.float64, device=self.device)
         total = torch.zeros(d, dtype=torch.float64, device=self.device)

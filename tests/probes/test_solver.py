@@ -5,7 +5,9 @@ without a penalty, streamed or in memory."""
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -226,6 +228,26 @@ def test_a_pass_keeps_its_hessian_probabilities_in_one_block_within_half_the_bud
     rows = torch.cat([torch.arange(start, min(start + chunk, len(y))) for start in starts])
     logits = ((x - mean) / scale) @ weight.float().T + bias.float()
     torch.testing.assert_close(kept, logits.softmax(1)[rows], rtol=1e-4, atol=1e-6)
+
+
+def test_a_subsampled_hessian_is_reported_with_the_memory_that_holds_every_row(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    x, y, _ = overlapping(n=30_000)
+    rows = in_memory(x, y)
+    mean, scale = standardisation(rows)
+    logger = "probe_sweep.probes.softmax_problem"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        softmax_problem.SoftmaxProblem(rows, 12, mean, scale, 1e-3, 0.0, 257, 1)
+    (message,) = [r.getMessage() for r in caplog.records]
+    found = re.search(r"probe\.memory_mb=(\d+) holds every row", message)
+    assert found, message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=logger):
+        whole = softmax_problem.SoftmaxProblem(
+            rows, 12, mean, scale, 1e-3, 0.0, 257, int(found.group(1))
+        )
+    assert whole.hessian_rows == len(y) and not caplog.records
 
 
 def test_chunk_size_follows_the_memory_budget() -> None:
