@@ -133,6 +133,8 @@ def test_bench_runs_end_to_end_and_appends_its_table(tmp_path: Path) -> None:
     for section in DEFAULT_ROWS:
         assert table_rows(written, section), f"no {section} row in\n{written}"
     assert not table_rows(written, "7 scale")  # long sections run only when named
+    solver_rows = [row[1] for row in table_rows(written, "2 solver")]
+    assert any(row.endswith("ours cold vs ours, streamed") for row in solver_rows), solver_rows
     assert "tiny-gpt2 on cpu" in written and "basis=natural,pca,nmf" in written
     assert "peak RSS MiB at 1000 / 2000 / 4000 tokens" in written
 

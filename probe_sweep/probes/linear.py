@@ -41,10 +41,10 @@ class ProbeConfig:
     by a duality gap, is at most ``tol`` (without a penalty: the Newton decrement's estimate,
     uncertified), or after ``max_iter`` iterations (Newton for l2/none, FISTA for l1).
     ``chunk_mb`` bounds one chunk of logits; rows and probabilities are kept in memory up to
-    ``memory_mb`` (beyond it the rows stream from the cache each pass, and the Hessian uses a
-    subsample of them). ``path_strengths``:
-    strengths at which the ridge probe is also scored on validation, from the same
-    decomposition (metrics.json ``ridge_path``); the softmax probe has no path.
+    ``memory_mb`` (beyond it the rows stream from the cache each pass, and Hessian products
+    recompute the probabilities that were not kept). ``path_strengths``: strengths at which
+    the ridge probe is also scored on validation, from the same decomposition (metrics.json
+    ``ridge_path``); the softmax probe has no path.
     """
 
     kind: str = "softmax"

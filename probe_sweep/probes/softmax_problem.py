@@ -1,6 +1,6 @@
 """The softmax probe's objective as a problem a solver works on: passes over the rows (loss,
-gradient, per-class curvature), Hessian-vector products from the last pass's probabilities,
-and the certificate on f - f* (``solver.py`` holds the objective's statement and the solvers).
+gradient, per-class curvature), exact Hessian-vector products at the last pass's point, and the
+certificate on f - f* (``solver.py`` holds the objective's statement and the solvers).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class Pass:
     lse_mean: float  # mean_i logsumexp(z_i)
     curvature: torch.Tensor  # c_k = mean_i p_ik (1 - p_ik)
     curvature_x: torch.Tensor  # mean_i p_ik (1 - p_ik) x_i'
-    probs: torch.Tensor | None = None  # the Hessian's chunks' rows, one block, for H v
+    probs: torch.Tensor | None = None  # the kept chunks' rows, one block, for H v
+    point: Params | None = None  # (W, b) in the Hessian's precision, for the other chunks' p
 
 
 @dataclass
@@ -68,28 +69,29 @@ class SoftmaxProblem:
         budget = self.memory_mb * 2**20
         row_bytes = (d + k) * self.mean.element_size()
         self.held: list[Chunk] | None = [] if self.n * row_bytes <= budget else None
-        # chunks whose probabilities are kept for Hessian-vector products: all that fit in half
-        # the budget, as a Newton step holds two passes' (the current point's and the trial's)
+        # chunks whose probabilities a pass keeps for Hessian-vector products: all that fit in
+        # half the budget, as a Newton step holds two passes' (the current point's and the
+        # trial's); products recompute the other chunks' probabilities
         kept = max(1, min(n_chunks, budget // 2 // max(self.chunk * row_bytes, 1)))
-        self.hessian_chunks = set(torch.linspace(0, n_chunks - 1, kept).round().long().tolist())
+        self.kept_chunks = set(torch.linspace(0, n_chunks - 1, kept).round().long().tolist())
         if kept < n_chunks:
-            log.warning(
-                "The Newton steps use %d of %d chunks of rows (probe.memory_mb=%d): a class whose "
-                "rows are all left out has no curvature in them, which costs many-class fits "
-                "rejected steps and iterations; probe.memory_mb=%d holds every row's probabilities",
-                kept, n_chunks, self.memory_mb,
+            log.info(
+                "Hessian products recompute the probabilities of %d of %d chunks of rows "
+                "(probe.memory_mb=%d keeps %d), which makes each up to half again as slow; "
+                "probe.memory_mb=%d keeps every row's",
+                n_chunks - kept, n_chunks, self.memory_mb, kept,
                 math.ceil(2 * n_chunks * self.chunk * row_bytes / 2**20),
             )  # fmt: skip
         class_x = torch.zeros(k, d, dtype=torch.float64, device=self.device)
         counts = torch.zeros(k, dtype=torch.float64, device=self.device)
         total = torch.zeros(d, dtype=torch.float64, device=self.device)
         gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
-        self.hessian_rows = 0
+        self.kept_rows = 0
         for i, (x, y) in enumerate(self._stream()):
             if self.held is not None:
                 self.held.append((x, y))
-            if i in self.hessian_chunks:
-                self.hessian_rows += len(y)
+            if i in self.kept_chunks:
+                self.kept_rows += len(y)
             xd = x.double()
             class_x.index_add_(0, y, xd)
             counts += torch.bincount(y, minlength=k).double()
@@ -124,8 +126,9 @@ class SoftmaxProblem:
         }
 
     @property
-    def can_polish(self) -> bool:
-        """Whether the certificate's float64 probabilities fit in ``memory_mb``."""
+    def holds_float64(self) -> bool:
+        """Whether the certificate's float64 probabilities fit in ``memory_mb`` (else each
+        step of the bias polish is a pass)."""
         return self.n * (self.n_classes + self.rows.d) * 8 <= self.memory_mb * 2**20
 
     def _stream(self) -> Iterator[Chunk]:
@@ -144,18 +147,21 @@ class SoftmaxProblem:
     def penalty(self, weight: torch.Tensor) -> float:
         return self.l2 * weight.pow(2).sum().item() + self.l1 * weight.abs().sum().item()
 
+    @staticmethod
+    def _softmax(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> Scored:
+        """Inputs, softmax probabilities and logsumexp of one chunk at (w, b)."""
+        p = torch.addmm(b, x, w.T)
+        top = p.max(1, keepdim=True).values
+        p.sub_(top).exp_()
+        total = p.sum(1, keepdim=True)
+        p.div_(total)
+        return x, p, total.log_().add_(top).squeeze(1)
+
     def _probabilities(self, params: Params, dtype: torch.dtype) -> Iterator[Scored]:
         """Each chunk's inputs, softmax probabilities and logsumexp at ``params``."""
-        weight, bias = params
-        w, b = weight.to(dtype), bias.to(dtype)
+        w, b = (t.to(dtype) for t in params)
         for x, _ in self.chunks():
-            x = x.to(dtype)
-            p = torch.addmm(b, x, w.T)
-            top = p.max(1, keepdim=True).values
-            p.sub_(top).exp_()
-            total = p.sum(1, keepdim=True)
-            p.div_(total)
-            yield x, p, total.log_().add_(top).squeeze(1)
+            yield self._softmax(x.to(dtype), w, b)
 
     def _pass(self, params: Params, scored: Iterable[Scored], keep: bool, curvature: bool) -> Pass:
         """The sums over rows that make a ``Pass``, from each chunk's probabilities."""
@@ -168,7 +174,7 @@ class SoftmaxProblem:
         lse_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         # one block, not a tensor per chunk: freed chunks between kept ones fragment the heap
         probs = (
-            torch.empty(self.hessian_rows, k, dtype=self.hessian_dtype, device=self.device)
+            torch.empty(self.kept_rows, k, dtype=self.hessian_dtype, device=self.device)
             if keep
             else None
         )
@@ -181,7 +187,7 @@ class SoftmaxProblem:
                 curv = p * (1 - p)
                 curv_sum += curv.sum(0, dtype=torch.float64)
                 curv_x += (curv.T @ x).double()
-            if probs is not None and i in self.hessian_chunks:
+            if probs is not None and i in self.kept_chunks:
                 probs[row : row + len(p)].copy_(p)
                 row += len(p)
         n = max(self.n, 1)
@@ -201,12 +207,13 @@ class SoftmaxProblem:
             curvature=curv_sum / n,
             curvature_x=curv_x / n,
             probs=probs,
+            point=(weight.to(self.hessian_dtype), bias.to(self.hessian_dtype)) if keep else None,
         )
 
     @torch.no_grad()
     def evaluate(self, params: Params, keep: bool = True) -> Pass:
         """The objective and its gradient at ``params`` in one pass over the rows; ``keep``
-        the probabilities of the Hessian's chunks for ``hessian_product`` and the curvature
+        the point and the kept chunks' probabilities for ``hessian_product`` and the curvature
         sums its preconditioner needs (FISTA uses neither)."""
         self.passes += 1
         return self._pass(params, self._probabilities(params, self.dtype), keep, keep)
@@ -220,22 +227,34 @@ class SoftmaxProblem:
         bound is ||grad_W||^2 / (4 l2) to second order; without it the mixture that restores
         feasibility costs about t x (a mean logit), t the worst class's relative excess of
         predicted mass, which float32 leaves near 1e-6; the polish stops when t is small
-        against ``tol`` x ``value_hint`` (the objective). Rows that do not fit in ``memory_mb``
-        in float64 get the float64 pass without the polish."""
-        self.passes += 1
-        if not self.can_polish:
-            at = self._pass(params, self._probabilities(params, torch.float64), False, False)
-            return params, at, self.gap(params, at)
-        scored = list(self._probabilities(params, torch.float64))
+        against ``tol`` x ``value_hint`` (the objective). The float64 probabilities are held
+        and tilted by each shift of the bias when they fit in ``memory_mb``, else recomputed,
+        one pass per step of the polish."""
+        weight, bias = params
+        held = None
+        if self.holds_float64:
+            self.passes += 1
+            held = list(self._probabilities(params, torch.float64))
+
+        def shifted(shift: torch.Tensor) -> Iterator[Scored]:
+            """Inputs, probabilities and logsumexp at the bias ``bias + shift``."""
+            if held is None:
+                self.passes += 1
+                yield from self._probabilities((weight, bias + shift), torch.float64)
+                return
+            factor = shift.exp()
+            for x, p, lse in held:
+                q = p * factor
+                total = q.sum(1, keepdim=True)
+                yield x, q.div_(total), lse + total.squeeze(1).log()
+
         shift, curvature = torch.zeros_like(self.freq), None
         target = 0.05 * tol * abs(value_hint)  # the mixture's cost is about t x a mean logit
         for _ in range(50):  # Jacobi-Newton: the curvature of the first pass, held
-            factor, mean = shift.exp(), torch.zeros_like(shift)
+            mean = torch.zeros_like(shift)
             first = curvature is None
             curvature = torch.zeros_like(shift) if first else curvature
-            for _, p, _ in scored:
-                q = p * factor
-                q /= q.sum(1, keepdim=True)
+            for _, q, _ in shifted(shift):
                 mean += q.sum(0)
                 if first:
                     curvature += q.sum(0) - q.pow(2).sum(0)
@@ -243,41 +262,37 @@ class SoftmaxProblem:
             if (excess / mean.clamp_min(1e-300) * self.n).max().item() <= target:
                 break
             shift -= excess / (curvature / max(self.n, 1)).clamp_min(1e-300)
-        factor = shift.exp()
-        tilted = []
-        for x, p, lse in scored:
-            p *= factor
-            total = p.sum(1, keepdim=True)
-            tilted.append((x, p.div_(total), lse + total.squeeze(1).log()))
-        polished = (params[0], params[1] + shift)
-        at = self._pass(polished, tilted, False, False)
+        polished = (weight, bias + shift)
+        at = self._pass(polished, shifted(shift), False, False)
         return polished, at, self.gap(polished, at)
 
     @torch.no_grad()
     def hessian_product(self, at: Pass, vector: Params) -> Params:
-        """H v of the cross-entropy part at ``at`` (from its kept probabilities; on the
-        Hessian's chunks), plus the l2 term. In the rows' precision in either stage: the
-        product only shapes the step, which a pass then accepts or rejects, while the gradient
-        and the certificate keep the pass's precision."""
+        """H v of the cross-entropy part at ``at`` over every row (the kept chunks' probabilities
+        reused, the others' recomputed at ``at.point``), plus the l2 term. In the rows' precision
+        in either stage: the product only shapes the step, which a pass then accepts or
+        rejects, while the gradient and the certificate keep the pass's precision."""
         self.products += 1
         v_w, v_b = vector
         dtype = self.hessian_dtype
         vw, vb = v_w.to(dtype), v_b.to(dtype)
         out_w = torch.zeros_like(v_w)
         out_b = torch.zeros_like(v_b)
-        assert at.probs is not None, "a pass evaluated with keep=True"
+        assert at.probs is not None and at.point is not None, "a pass evaluated with keep=True"
         row = 0
         for i, (x, _) in enumerate(self.chunks()):
-            if i not in self.hessian_chunks:
-                continue
-            p, x = at.probs[row : row + len(x)], x.to(dtype)
-            row += len(x)
+            x = x.to(dtype)
+            if i in self.kept_chunks:
+                p = at.probs[row : row + len(x)]
+                row += len(x)
+            else:
+                p = self._softmax(x, *at.point)[1]
             r = torch.addmm(vb, x, vw.T).mul_(p)
             r.addcmul_(p, r.sum(1, keepdim=True), value=-1)
             out_w += (r.T @ x).double()
             out_b += r.sum(0, dtype=torch.float64)
-        rows = max(self.hessian_rows, 1)
-        out_w, out_b = out_w / rows, out_b / rows
+        n = max(self.n, 1)
+        out_w, out_b = out_w / n, out_b / n
         if self.l2:
             out_w += 2 * self.l2 * v_w
         return out_w, out_b

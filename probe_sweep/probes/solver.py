@@ -10,8 +10,8 @@ infimum is 0): they are left out of the fit, exactly, with weight 0 and bias -in
   by a per-class model of the curvature: ``c_k Sigma + c_k m_k m_k' + 2 l2`` with Sigma = V S V'
   the inputs' covariance (one eigendecomposition per fit), c_k the class's mean p(1-p) and m_k
   the inputs' mean weighted by it. It commutes with rotations of the inputs, so a fit in a
-  rotated basis is the same fit rotated. Hessian-vector products reuse the probabilities of the
-  last gradient pass (no exponentials), in the rows' precision.
+  rotated basis is the same fit rotated. Hessian-vector products are exact, over every row, in
+  the rows' precision: they reuse the probabilities the last gradient pass kept.
 - l1: FISTA (constant step from Boehning's curvature bound, gradient restart).
 
 The stopping rule is a certificate on the objective: the duality gap P(W, b) - D(U) >= f - f*,
@@ -27,8 +27,9 @@ Passes are in float32 until the predicted decrease of a step falls below what fl
 of the objective, then in float64 (float64 throughout when the rows are), summed in float64
 across chunks. Rows stay in memory up to ``memory_mb``, beyond which they are streamed; a pass
 keeps its probabilities for Hessian products up to half of it (a Newton step holds two passes),
-beyond which the Hessian uses an evenly spread subsample of chunks (the gradient, and so the
-certificate, stays exact).
+beyond which the products recompute the other chunks' probabilities (one more matrix product
+per chunk) rather than use a subsample: a subsampled Hessian leaves the classes whose rows are
+all left out with no curvature, and at thousands of classes their steps overshoot.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def _newton(
         cheap = problem.gap(params, at)
         ready = cheap is not None and cheap <= tol * scale
         hopeful = estimate is not None and estimate <= 0.5 * tol * scale and not polished
-        if ready or (hopeful and problem.can_polish):
+        if ready or hopeful:
             candidate, checked, bound = problem.certify(params, tol, at.value)
             if bound is not None and bound <= tol * abs(checked.value):
                 params, at, iteration = candidate, checked, i
