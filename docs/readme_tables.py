@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from probe_sweep.baselines.mdl import paired_compression_range
 from probe_sweep.report.offsets import offset_change_table, offset_grids, offset_table
+from probe_sweep.results import LayerResult
 
 
 def ci(value: float | None, interval: list | None, digits: int = 3) -> str:
@@ -182,10 +184,13 @@ def mdl_table(metrics: dict[str, Any]) -> str:
                 orders_cell(row, task),
                 "yes" if row[task + "all_converged"] else "no",
             ]
+        result = LayerResult.from_row(row)
+        paired = paired_compression_range(result.mdl, result.control_mdl)
+        cells.append("n/a" if paired is None else f"{paired[0]:+.2f} to {paired[1]:+.2f}")
         rows.append(cells)
     header = ["layer", "token: online kbit", "uniform kbit", "compression", "range over orders"]
     header += ["all fits converged", "control: online kbit", "uniform kbit", "compression"]
-    header += ["range over orders", "all fits converged"]
+    header += ["range over orders", "all fits converged", "token - control, by order"]
     return table(header, rows)
 
 

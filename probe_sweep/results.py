@@ -147,7 +147,8 @@ class CodeBlock:
 class CodeLength:
     """The online code length (Voita & Titov 2020) of a task's labels given the hidden state,
     over ``n_orders`` seeded orders of the rows: mean total bits, the uniform code's, their
-    ratio (compression), bits per token, the lowest and highest compression of one order
+    ratio (compression), bits per token, each order's compression in seed order (the control
+    task's orders are the same row orders, so the two pair up) with their lowest and highest
     (``compression_range``), and the first order's blocks."""
 
     codelength_bits: float
@@ -159,6 +160,7 @@ class CodeLength:
     all_converged: bool
     n_orders: Count = Count(1)
     compression_range: Interval | None = None
+    order_compressions: list[float] = field(default_factory=list)
     blocks: list[CodeBlock] = field(default_factory=list)
 
 

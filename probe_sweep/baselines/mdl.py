@@ -140,7 +140,8 @@ def online_codelength(
 
 def over_orders(codes: list[CodeLength]) -> CodeLength:
     """The code lengths of one task under several seeded orders of its rows, as one: mean bits,
-    the compression of the mean, the range of the orders' compressions, the first's blocks."""
+    the compression of the mean, each order's compression and their range, the first's
+    blocks."""
     first, n = codes[0], len(codes)
     bits = sum(code.codelength_bits for code in codes) / n
     ratios = [code.compression for code in codes]
@@ -152,7 +153,19 @@ def over_orders(codes: list[CodeLength]) -> CodeLength:
         all_converged=all(code.all_converged for code in codes),
         n_orders=n,
         compression_range=[min(ratios), max(ratios)],
+        order_compressions=ratios,
     )
+
+
+def paired_compression_range(token: CodeLength, control: CodeLength) -> list[float] | None:
+    """Lowest and highest of token minus control compression over their seeded orders: order
+    j puts the same rows in the same order in both when both code the same rows. None when they
+    do not, or without per-order figures."""
+    a, b = token.order_compressions, control.order_compressions
+    if not a or len(a) != len(b) or token.n_tokens != control.n_tokens:
+        return None
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    return [min(differences), max(differences)]
 
 
 def description_lengths(

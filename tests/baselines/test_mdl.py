@@ -3,6 +3,7 @@ uniform when it is noise, with exact block bookkeeping and seeded reproducibilit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from itertools import pairwise
@@ -17,6 +18,7 @@ from probe_sweep.baselines.mdl import (
     code_bits,
     online_codelength,
     over_orders,
+    paired_compression_range,
 )
 from probe_sweep.probes.kinds import probe_kind
 from probe_sweep.probes.linear import (
@@ -123,7 +125,27 @@ def test_seeded_orders_combine_into_a_mean_and_a_range() -> None:
     low, high = both.compression_range
     assert low == min(c.compression for c in codes) < high == max(c.compression for c in codes)
     assert low <= both.compression <= high
+    assert both.order_compressions == [c.compression for c in codes]
     assert both.blocks == codes[0].blocks
+
+
+def test_token_and_control_pair_up_by_order() -> None:
+    """The same labels coded as "token" and as "control": each order's difference is exactly 0,
+    though the orders' compressions spread; a control code of other rows does not pair."""
+    x, y = linear_task(n=1000)
+    token, control = (
+        over_orders(
+            [
+                online_codelength(in_memory(x, y), TARGETS, SOFTMAX, RegConfig(), CFG, seed=seed)
+                for seed in range(3)
+            ]
+        )
+        for _ in range(2)
+    )
+    low, high = token.compression_range
+    assert low < high and paired_compression_range(token, control) == [0.0, 0.0]
+    fewer = dataclasses.replace(control, n_tokens=control.n_tokens - 1)
+    assert paired_compression_range(token, fewer) is None
 
 
 def test_warm_start_is_the_same_map_and_changes_no_block() -> None:
@@ -175,3 +197,4 @@ def test_a_job_reports_the_code_length_of_the_token_and_of_the_control_task(
     # Three seeded orders by default: the mean's compression lies within their range.
     low, high = row["mdl_compression_range"]
     assert row["mdl_n_orders"] == 3 and low <= row["mdl_compression"] <= high
+    assert len(row["mdl_order_compressions"]) == len(row["control_mdl_order_compressions"]) == 3
