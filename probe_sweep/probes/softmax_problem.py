@@ -132,8 +132,11 @@ class SoftmaxProblem:
         return self.n * (self.n_classes + self.rows.d) * 8 <= self.memory_mb * 2**20
 
     def _stream(self) -> Iterator[Chunk]:
+        """Standardised in the rows' precision, not the passes' (which turns float64 near the
+        optimum): every pass must see the inputs the class sums were taken from."""
+        dtype = self.mean.dtype
         for x, y in self.rows.chunks(self.chunk):
-            yield ((x.to(self.device, self.dtype) - self.mean) / self.scale, y.to(self.device))
+            yield ((x.to(self.device, dtype) - self.mean) / self.scale, y.to(self.device))
 
     def chunks(self) -> Iterator[Chunk]:
         """Standardised inputs and labels, chunk by chunk, from memory when they fit."""

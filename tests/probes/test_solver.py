@@ -210,6 +210,19 @@ def test_streamed_rows_with_recomputed_hessian_probabilities_reach_the_certified
     assert iterations_a == iterations_b  # the same exact Newton steps, up to float32 sums
 
 
+def test_a_streamed_fit_reports_the_objective_of_the_probe_it_returns() -> None:
+    """Off-centre float32 rows: streamed rows standardised in float64 once the passes turn
+    float64 (and not in float32, as the class sums were) shifted the reported objective, and
+    so the certificate, by about 1e-5 of it."""
+    x, y, _ = overlapping()
+    x = x * 0.01 + 40.0
+    reg = RegConfig(RegKind.l2, 1e-4)
+    fit = fit_softmax_probe(in_memory(x, y), 12, reg, ProbeConfig(memory_mb=0))
+    reported = fit.convergence["objective"]
+    assert fit.convergence["certified"]
+    assert reported == pytest.approx(objective64(fit.probe, x, y, reg), rel=1e-8)
+
+
 def test_a_pass_keeps_its_hessian_probabilities_in_one_block_within_half_the_budget() -> None:
     x, y, _ = overlapping(n=30_000)
     mean, scale = standardisation(in_memory(x, y))
