@@ -226,22 +226,26 @@ def lens_table(metrics: dict[str, Any]) -> str:
 
 
 def readout_table(metrics: dict[str, Any]) -> str:
-    """The logit lens's read-out of the input token beside the identity probe, and the hidden
-    state's cosine with the embeddings of the tokens the final layer ranks lowest / highest,
+    """The logit lens's read-out of the input token beside the identity probe (the probe minus
+    the lens on the lens's positions, paired; runs before the pairing show no interval), and the
+    hidden state's cosine with the embeddings of the tokens the final layer ranks lowest / highest,
     against random tokens (p: two-sided, from the random-token null)."""
     found = entries(metrics)
     rows = []
     for r in metrics["layers"]:
         layer = r["layer"]
-        cells = [str(layer), ci(r["top1"], r["top1_ci"]), f"{r['lens_input_top1']:.3f}"]
-        cells += [f"{r['probe_minus_lens_top1']:+.3f}", f"{r['lens_input_median_rank']:g}"]
+        cells = [str(layer), ci(r["top1"], r["top1_ci"])]
+        cells.append(ci(r["lens_input_top1"], r.get("lens_input_top1_ci")))
+        cells.append(ci(r["probe_minus_lens_top1"], r.get("probe_minus_lens_top1_ci")))
+        cells.append(f"{r['lens_input_median_rank']:g}")
         for name, field in (("unlikely", "proj_unlikely"), ("likely", "proj_likely")):
             entry = found.get((f"{name}_token_projection", layer))
             p = "" if entry is None else f" (p {entry['p']:.3f})"
             cells.append("-" if r.get(field) is None else f"{r[field]:+.4f}{p}")
         cells.append("-" if r.get("proj_random") is None else f"{r['proj_random']:+.4f}")
         rows.append(cells)
-    header = ["layer", "identity probe top-1", "logit lens: input top-1", "probe minus lens"]
+    header = ["layer", "identity probe top-1", "logit lens: input top-1"]
+    header += ["probe minus lens (same positions)"]
     header += ["lens: input median rank", "cos, 50 least likely", "cos, 50 most likely"]
     header += ["cos, 50 random tokens"]
     return table(header, rows)

@@ -136,7 +136,7 @@ def measure(config: Config, kind: ProbeKind, ours: Model, probes: Probes) -> Mea
         return None
     job = JobProbes(
         probes=probes.probe_set,
-        top1={scores.layer: scores.top1 for scores in probes.fitted.scores},
+        correct=probes.fitted.correct,
         embedding=ours.acts.embedding,
         null_kind=ours.inputs.basis.null_kind,
         compared_as=kind.compared_as,

@@ -95,15 +95,18 @@ class LensProbeScores:
 
 @dataclass(frozen=True)
 class LogitLensReadout:
-    """The logit lens's read-out of the input token (rank 1 = top), and, where the final layer
-    was extracted, the mean cosine of the hidden state with the embeddings of the tokens the
-    final layer ranks lowest, highest, and of random tokens."""
+    """The logit lens's read-out of the input token (rank 1 = top) on ``statistics.lens_rows``
+    held-out positions, the identity probe's top-1 minus the lens's on those positions (paired),
+    and, where the final layer was extracted, the mean cosine of the hidden state with the
+    embeddings of the tokens the final layer ranks lowest, highest, and of random tokens."""
 
     lens_input_top1: float
+    lens_input_top1_ci: Interval
     lens_input_median_rank: float
     lens_input_mean_log_rank: float
     lens_input_prob: float
     probe_minus_lens_top1: float
+    probe_minus_lens_top1_ci: Interval
     proj_unlikely: float | None = None
     proj_likely: float | None = None
     proj_random: float | None = None

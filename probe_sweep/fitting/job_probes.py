@@ -152,6 +152,7 @@ def lens_inputs(acts: Activations, split: Split, n_rows: int) -> LensInputs | No
     return LensInputs(
         hidden={layer: read_rows(acts.store, layer, rows) for layer in acts.layers},
         targets=torch.from_numpy(split.targets[rows]),
+        sequences=split.sequences[TEST][:n_rows],
         unembedding=acts.unembedding,
         final_norm=acts.final_norm,
         final_layer=acts.final_layer,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -24,11 +25,13 @@ class ProbeSet:
 @dataclass(frozen=True)
 class LensInputs:
     """Held-out hidden states (natural coordinates, per layer) and their input tokens for the
-    logit-lens read-outs; ``final_layer``: the layer whose HF hidden state already has the
-    final norm applied (None if it was not extracted)."""
+    logit-lens read-outs: the first ``len(targets)`` test positions, in the order the identity
+    probes were scored, and their sequences (for paired intervals); ``final_layer``: the layer
+    whose HF hidden state already has the final norm applied (None if it was not extracted)."""
 
     hidden: dict[int, torch.Tensor]
     targets: torch.Tensor
+    sequences: np.ndarray
     unembedding: torch.Tensor
     final_norm: torch.nn.Module | None
     final_layer: int | None

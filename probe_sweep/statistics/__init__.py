@@ -16,16 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from probe_sweep.fitting.probe_set import LensInputs, ProbeSet
+from probe_sweep.intervals import SequenceBootstrap
 from probe_sweep.logit_lens import lens_logits
 from probe_sweep.results import LogitLensReadout
 from probe_sweep.statistics.lens import input_token_readout, token_set_projection
 from probe_sweep.statistics.similarity import ridge_map_entries, similarity_entries
 from probe_sweep.statistics.weight_mass import column_shares, weight_mass_entries
 
-__all__ = ["JobProbes", "Measured", "StatisticsConfig", "job_statistics"]
+__all__ = ["JobProbes", "Measured", "StatisticsConfig", "job_statistics", "logit_lens_readouts"]
 
 
 @dataclass
@@ -77,15 +79,16 @@ class StatisticsConfig:
 
 @dataclass
 class JobProbes:
-    """What the statistics of one job are computed from. ``top1``: the identity probe's held-out
-    top-1 by layer (the logit lens's read-out is set beside it); ``null_kind``: "coordinate" or
+    """What the statistics of one job are computed from. ``correct``: by layer, which held-out
+    tokens the identity probe got right (the logit lens's read-out is paired with it);
+    ``null_kind``: "coordinate" or
     "haar", the random subspaces the basis is compared with; ``compared_as``: what the probe
     kind sets against W_E, its weight rows ("rows") or its map into W_E's space ("map");
     ``random_init``: the same probes on the random-init model; ``control_fits``: identity-probe
     name -> the control-task probe at that layer."""
 
     probes: ProbeSet
-    top1: dict[int, float]
+    correct: dict[int, np.ndarray]
     embedding: torch.Tensor
     null_kind: str
     compared_as: str = "rows"
@@ -125,7 +128,7 @@ def job_statistics(job: JobProbes, cfg: StatisticsConfig, seed: int) -> Measured
         masses[name] = column_shares(read_out(fit, job.compared_as).detach().cpu())
     readouts: dict[int, LogitLensReadout] = {}
     if job.lens is not None:
-        readouts, found = logit_lens_readouts(job.lens, job.top1, job.embedding, cfg, seed)
+        readouts, found = logit_lens_readouts(job.lens, job.correct, job.embedding, cfg, seed)
         entries += found
     classes = {"used": n_classes if keep is None else len(keep), "of": n_classes}
     return Measured(entries, masses, classes, readouts)
@@ -183,22 +186,26 @@ def probe_entries(
 
 def logit_lens_readouts(
     lens: LensInputs,
-    top1: dict[int, float],
+    correct: dict[int, np.ndarray],
     embedding: torch.Tensor,
     cfg: StatisticsConfig,
     seed: int,
 ) -> tuple[dict[int, LogitLensReadout], list[dict[str, Any]]]:
-    """Per layer: the logit lens's read-out of the input token, and the projection of the
-    hidden state on the embeddings of tokens the final layer ranks lowest / highest."""
+    """Per layer: the logit lens's read-out of the input token, the identity probe's top-1
+    minus the lens's on the same positions (paired interval over their sequences), and the
+    projection of the hidden state on the embeddings of tokens the final layer ranks lowest /
+    highest."""
     final_logits = None
     if lens.final_layer is not None:
         final_hidden = lens.hidden[lens.final_layer]
         final_logits = lens_logits(final_hidden, lens.unembedding, lens.final_norm, False)
+    bootstrap = SequenceBootstrap(lens.sequences, cfg.n_bootstrap, seed)
     readouts, entries = {}, []
-    for layer, probe_top1 in top1.items():
+    for layer, probe_correct in correct.items():
         hidden = lens.hidden[layer]
         logits = lens_logits(hidden, lens.unembedding, lens.final_norm, layer != lens.final_layer)
-        readout = input_token_readout(logits, lens.targets)
+        readout, lens_correct = input_token_readout(logits, lens.targets)
+        gain = probe_correct[: len(lens_correct)].astype(np.float64) - lens_correct
         projections: dict[str, float] = {}
         if final_logits is not None:
             projections, found = token_set_projection(
@@ -206,6 +213,10 @@ def logit_lens_readouts(
             )
             entries += found
         readouts[layer] = LogitLensReadout(
-            **readout, probe_minus_lens_top1=probe_top1 - readout["lens_input_top1"], **projections
+            **readout,
+            lens_input_top1_ci=bootstrap.interval(lens_correct),
+            probe_minus_lens_top1=float(gain.mean()),
+            probe_minus_lens_top1_ci=bootstrap.interval(gain),
+            **projections,
         )
     return readouts, entries

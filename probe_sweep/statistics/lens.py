@@ -6,23 +6,29 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from probe_sweep.statistics.nulls import null_entry
 
 
 @torch.no_grad()
-def input_token_readout(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Rank (1 = top) and probability of the input token under logit-lens logits (N, V)."""
+def input_token_readout(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[dict[str, float], np.ndarray]:
+    """Rank (1 = top) and probability of the input token under logit-lens logits (N, V), and
+    per position whether the lens ranks it first (paired differences need them)."""
     target_logit = logits.gather(1, targets[:, None])
     rank = (logits > target_logit).sum(1).double() + 1
     prob = torch.softmax(logits.double(), 1).gather(1, targets[:, None])[:, 0]
-    return {
-        "lens_input_top1": (rank == 1).double().mean().item(),
+    correct = (rank == 1).cpu().numpy()
+    summary = {
+        "lens_input_top1": float(correct.mean()),
         "lens_input_median_rank": rank.median().item(),
         "lens_input_mean_log_rank": rank.log().mean().item(),
         "lens_input_prob": prob.mean().item(),
     }
+    return summary, correct
 
 
 @torch.no_grad()

@@ -200,10 +200,40 @@ def test_logit_lens_readout_ranks_and_norm() -> None:
     torch.testing.assert_close(logits, hidden @ unembedding.T)
     normed = lens_logits(hidden, unembedding, norm, apply_norm=True)
     torch.testing.assert_close(normed, norm(hidden) @ unembedding.T)
-    out = input_token_readout(logits, targets)
+    out, correct = input_token_readout(logits, targets)
     assert out["lens_input_top1"] == 1.0 and out["lens_input_median_rank"] == 1.0
-    shifted = input_token_readout(logits, (targets + 1) % 50)
+    assert correct.all()
+    shifted, wrong = input_token_readout(logits, (targets + 1) % 50)
     assert shifted["lens_input_top1"] < 0.5 and shifted["lens_input_mean_log_rank"] > 0
+    assert shifted["lens_input_top1"] == wrong.mean()
+
+
+def test_probe_minus_lens_is_paired_on_the_lens_positions() -> None:
+    """The probe's top-1 minus the lens's is taken on the positions the lens read, with an
+    interval over their sequences: a probe right exactly where the lens is gives 0 [0, 0],
+    whatever it scores on the positions the lens did not read."""
+    from probe_sweep.fitting.probe_set import LensInputs
+    from probe_sweep.statistics import StatisticsConfig, logit_lens_readouts
+
+    gen = torch.Generator().manual_seed(0)
+    unembedding = torch.from_numpy(random_orthogonal(64, 0)[:50]).float()
+    targets = torch.randint(0, 50, (120,), generator=gen)
+    hidden = unembedding[targets] + 0.6 * torch.randn(120, 64, generator=gen)
+    lens = LensInputs({0: hidden}, targets, np.arange(120) // 6, unembedding, None, None)
+    _, lens_correct = input_token_readout(hidden @ unembedding.T, targets)
+    assert 0.2 < lens_correct.mean() < 0.9  # the lens is neither always right nor always wrong
+    cfg = StatisticsConfig(n_bootstrap=200)
+    elsewhere = np.zeros(500, bool)  # the probe's scores past the lens's 120 positions
+    same, _ = logit_lens_readouts(lens, {0: np.r_[lens_correct, elsewhere]}, unembedding, cfg, 0)
+    assert same[0].probe_minus_lens_top1 == 0 and same[0].probe_minus_lens_top1_ci == [0, 0]
+    lo, hi = same[0].lens_input_top1_ci
+    assert lo < lens_correct.mean() < hi
+    always = np.ones(620, bool)
+    better, _ = logit_lens_readouts(lens, {0: always}, unembedding, cfg, 0)
+    gain = 1 - lens_correct.mean()
+    assert better[0].probe_minus_lens_top1 == pytest.approx(gain)
+    lo, hi = better[0].probe_minus_lens_top1_ci
+    assert 0 < lo < gain < hi
 
 
 def test_token_set_projection_sees_planted_unlikely_directions() -> None:
@@ -306,7 +336,7 @@ def test_a_baseline_in_its_own_basis_is_read_in_that_basis() -> None:
     cov = {"layer_0": covariance(D, 0)}
     ours = ProbeSet({"layer_0": fit(probe)}, torch.eye(D), emb, cov)
     theirs = ProbeSet({"layer_0": fit(probe @ permuted)}, permuted, emb, cov)
-    job = JobProbes(ours, {0: 1.0}, emb, COORDINATE, random_init=theirs)
+    job = JobProbes(ours, {0: np.ones(10, bool)}, emb, COORDINATE, random_init=theirs)
     cfg = StatisticsConfig(n_permutations=20, n_bootstrap_types=20)
     found = by_name(job_statistics(job, cfg, 0).entries)
     for name in ("probe_embedding_cosine", "probe_embedding_cka"):
