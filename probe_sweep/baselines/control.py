@@ -5,6 +5,7 @@ probe at each layer; selectivity is identity minus control top-1, with a paired 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,20 +28,26 @@ def control_task_labels(vocab_size: int, n_labels: int, seed: int) -> np.ndarray
     return np.random.default_rng(seed).integers(0, n_labels, size=vocab_size)
 
 
-def control_labels(config: Config, inputs: Inputs, vocab_size: int) -> dict[int, torch.Tensor]:
-    """The control task's label of every row of every part."""
-    mapping = control_task_labels(vocab_size, config.statistics.control_labels, config.seed)
-    return {
+@dataclass(frozen=True)
+class ControlTask:
+    """The control task of one job: the label of every row of every part, and the target
+    vector of each label for a kind that maps into W_E's space (the W_E rows of ``n_labels``
+    seeded random tokens: a label stands for a token like a class does)."""
+
+    labels: dict[int, torch.Tensor]
+    targets: torch.Tensor
+
+
+def control_task(config: Config, inputs: Inputs, embedding: torch.Tensor) -> ControlTask:
+    """The control task's labels and targets, drawn once for the control probes and the MDL."""
+    n_labels = config.statistics.control_labels
+    mapping = control_task_labels(len(embedding), n_labels, config.seed)
+    labels = {
         part: torch.from_numpy(mapping[inputs.split.targets[rows]]).to(inputs.device)
         for part, rows in inputs.split.rows.items()
     }
-
-
-def control_targets(embedding: torch.Tensor, n_labels: int, seed: int) -> torch.Tensor:
-    """Target vectors of the control labels for a kind that maps into W_E's space: the W_E rows
-    of ``n_labels`` seeded random tokens (a label stands for a token like a class does)."""
-    tokens = np.random.default_rng([seed, 1]).choice(len(embedding), n_labels, replace=False)
-    return embedding[torch.from_numpy(tokens)]
+    tokens = np.random.default_rng([config.seed, 1]).choice(len(embedding), n_labels, replace=False)
+    return ControlTask(labels, embedding[torch.from_numpy(tokens)].to(inputs.device))
 
 
 def control_probes(
@@ -48,14 +55,12 @@ def control_probes(
     kind: ProbeKind,
     scorer: Scorer,
     fitted: Fitted,
-    embedding: torch.Tensor,
+    control: ControlTask,
     checkpoint: FitCheckpoint,
 ) -> tuple[dict[int, ControlScores], dict[str, FitResult]]:
     """The control probe at each identity probe's layer: its scores by layer, and the fits by
     the identity probe's name (the weight-mass statistics compare with them; not pooled)."""
-    inputs, n_labels = scorer.inputs, config.statistics.control_labels
-    labels = control_labels(config, inputs, len(embedding))
-    targets = control_targets(embedding, n_labels, config.seed).to(inputs.device)
+    inputs, labels, targets = scorer.inputs, control.labels, control.targets
     scores, fits, previous = {}, {}, None
     for identity in fitted.scores:
         layer, name = identity.layer, f"control_layer_{identity.layer}"
@@ -66,7 +71,7 @@ def control_probes(
                 task, config.reg, config.probe, None if init is None else init.probe,
                 f"layer {layer} control probe",
             ),
-            shape=(n_labels, task.train.d),
+            shape=(len(targets), task.train.d),
         )  # fmt: skip
         log_fit(name, fit.convergence)
         control, correct = scorer.correct(fit, layer, labels)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from probe_sweep.baselines.control import control_labels, control_targets
+from probe_sweep.baselines.control import ControlTask
 from probe_sweep.config import Config
 from probe_sweep.extraction.data import TRAIN
 from probe_sweep.fitting.identity import Fitted
@@ -174,15 +174,13 @@ def description_lengths(
     inputs: Inputs,
     fitted: Fitted,
     class_embeddings: torch.Tensor,
-    embedding: torch.Tensor,
+    control: ControlTask,
 ) -> dict[int, tuple[CodeLength, CodeLength]]:
     """The code length of the input token and of the control task at each layer, each over
     ``statistics.mdl_orders`` seeded orders of the training rows (seed, seed + 1, ...)."""
-    control = control_labels(config, inputs, len(embedding))
-    n_control = config.statistics.control_labels
     tasks = {
         "identity": (None, class_embeddings),
-        "control": (control[TRAIN], control_targets(embedding, n_control, config.seed)),
+        "control": (control.labels[TRAIN], control.targets),
     }
     out = {}
     for scores in fitted.scores:

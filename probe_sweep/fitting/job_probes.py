@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from probe_sweep.baselines.control import control_probes
+from probe_sweep.baselines.control import control_probes, control_task
 from probe_sweep.baselines.depth import layer_differences
 from probe_sweep.baselines.k_sweep import accuracy_vs_k
 from probe_sweep.baselines.lens_probe import lens_probe_scores
@@ -124,9 +124,10 @@ def fit_job_probes(
         )  # fmt: skip
         found["random_init"] = probe_set(theirs, their_fits)
         found["random_scores"] = random_init_scores(fitted, their_fits, scorer.bootstrap)
+    control = control_task(config, inputs, acts.embedding)
     if stats.control_task:
         found["control"], found["control_fits"] = control_probes(
-            config, kind, scorer, fitted, acts.embedding, checkpoint
+            config, kind, scorer, fitted, control, checkpoint
         )
     if stats.lens_probe and acts.unembedding is not None:
         found["lens_probe"] = lens_probe_scores(
@@ -137,7 +138,7 @@ def fit_job_probes(
     if stats.lens_comparison and per_layer:
         found["lenses"] = compare_lenses(config, acts, inputs.split, inputs.device)
     if stats.mdl and per_layer:
-        found["mdl"] = description_lengths(config, kind, inputs, fitted, targets, acts.embedding)
+        found["mdl"] = description_lengths(config, kind, inputs, fitted, targets, control)
     if stats.k_sweep and per_layer:
         found["accuracy_vs_k"] = accuracy_vs_k(config, kind, scorer, fitted, targets)
     return Probes(fitted, ours_set, **found)
