@@ -4,7 +4,7 @@ and the probe weights as a versioned artifact.
 
 ``log_contents`` is handed the ``wandb`` module and a started run by ``tracking``, which alone
 imports wandb; nothing here starts, names or finishes a run. The metrics are walked generically
-(``null_statistics``, ``layer_scalars``), so a new score or statistic in metrics.json reaches
+(``statistics``, ``layer_scalars``), so a new score or statistic in metrics.json reaches
 W&B without a change here.
 """
 
@@ -24,12 +24,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def null_statistics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every null statistic in ``metrics`` (the ``statistics`` section, and any per-layer one).
+def statistics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every statistic in ``metrics`` (the ``statistics`` section, and any per-layer one).
 
-    A statistic is any dict holding ``observed`` and ``p``, wherever it sits; its name is
-    its path of keys (list items are named by their ``name``/``statistic``/``layer`` field).
-    Rows keep the statistic's other scalar fields (``layer``, ``n_permutations``, ...).
+    A statistic is any dict holding ``observed``, wherever it sits, with its null's ``p`` where
+    it was tested against one; its name is its path of keys (list items are named by their
+    ``name``/``statistic``/``layer`` field). Rows keep the statistic's other scalar fields
+    (``layer``, ``n_null``, ...).
     """
     found: list[dict[str, Any]] = []
 
@@ -45,7 +46,7 @@ def null_statistics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
     def walk(node: Any, path: list[str]) -> None:
         if isinstance(node, dict):
-            if "observed" in node and "p" in node:
+            if "observed" in node:
                 row = {k: v for k, v in node.items() if _is_number(v) or isinstance(v, str)}
                 row["name"] = "/".join(path) or "statistic"
                 found.append(row)
@@ -79,7 +80,7 @@ def log_contents(
     """Curves against depth and against solver evaluations, tables, images, the summary and the
     probe weights as an artifact, in that order."""
     rows = [r for r in metrics.get("layers", []) if isinstance(r, dict)]
-    stats = null_statistics(metrics)
+    stats = statistics(metrics)
     curves = {name: fit.get("history") or [] for name, fit in metrics.get("fits", {}).items()}
     _log_layer_curves(run, rows, stats)
     _log_fit_curves(wandb, run, curves)
@@ -96,18 +97,19 @@ def log_contents(
 
 
 def _log_layer_curves(run: Any, rows: list[dict[str, Any]], stats: list[dict[str, Any]]) -> None:
-    """Every numeric per-layer score, and the observed value and p of every null statistic that
+    """Every numeric per-layer score, and the observed value (and p) of every statistic that
     names its layer, as curves ``by_layer/*`` on a ``layer`` x-axis."""
     run.define_metric("layer")
     run.define_metric("by_layer/*", step_metric="layer")
     for row in rows:
         point = {f"by_layer/{k}": v for k, v in layer_scalars(row).items()}
-        point.update(_layer_nulls(row["layer"], stats))
+        point.update(_layer_statistics(row["layer"], stats))
         run.log({"layer": row["layer"], **point})
 
 
-def _layer_nulls(layer: Any, stats: list[dict[str, Any]]) -> dict[str, float]:
-    """``by_layer/null/<name less its layer>/{p,observed}`` of the statistics of ``layer``."""
+def _layer_statistics(layer: Any, stats: list[dict[str, Any]]) -> dict[str, float]:
+    """``by_layer/statistics/<name less its layer>/{p,observed}`` of the statistics of
+    ``layer``."""
     point = {}
     for stat in stats:
         if stat.get("layer") != layer:
@@ -115,7 +117,7 @@ def _layer_nulls(layer: Any, stats: list[dict[str, Any]]) -> dict[str, float]:
         base = "/".join(p for p in stat["name"].split("/") if p != f"layer_{layer}")
         for key in ("p", "observed"):
             if _is_number(stat.get(key)):
-                point[f"by_layer/null/{base or 'statistic'}/{key}"] = stat[key]
+                point[f"by_layer/statistics/{base or 'statistic'}/{key}"] = stat[key]
     return point
 
 
@@ -149,7 +151,7 @@ def _tables(
     stats: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """``tables/per_layer``, and where there is something to show ``tables/training`` (the fit
-    curves) and ``tables/null_statistics``."""
+    curves) and ``tables/statistics``."""
     columns = sorted({k for r in rows for k in layer_scalars(r)})
     per_layer = wandb.Table(columns=["layer", "probe", *columns])
     for row in rows:
@@ -163,7 +165,7 @@ def _tables(
     if stats:
         extra = sorted({k for s in stats for k in s} - {"name", *STAT_FIELDS})
         stat_columns = ["name", *STAT_FIELDS, *extra]
-        tables["tables/null_statistics"] = wandb.Table(
+        tables["tables/statistics"] = wandb.Table(
             columns=stat_columns, data=[[s.get(c) for c in stat_columns] for s in stats]
         )
     return tables
@@ -172,8 +174,8 @@ def _tables(
 def _summary(
     metrics: dict[str, Any], rows: list[dict[str, Any]], stats: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """Per-layer scores by name (``top1/layer_2``), the headline numbers, every null statistic
-    (``null/<name>/<field>``) and the numeric counts and timings."""
+    """Per-layer scores by name (``top1/layer_2``), the headline numbers, every statistic
+    (``statistics/<name>/<field>``) and the numeric counts and timings."""
     summary: dict[str, Any] = {}
     for row in rows:
         for key, value in layer_scalars(row).items():
@@ -186,7 +188,7 @@ def _summary(
     for stat in stats:
         for key in STAT_FIELDS:
             if _is_number(stat.get(key)):
-                summary[f"null/{stat['name']}/{key}"] = stat[key]
+                summary[f"statistics/{stat['name']}/{key}"] = stat[key]
     for section in ("counts", "timing_s"):
         for key, value in (metrics.get(section) or {}).items():
             if _is_number(value):

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from hydra_plugins.probe_sweep_optuna._summary import write_summary
 from probe_sweep import tuning
 from probe_sweep.tracking import runs as tracking
-from probe_sweep.tracking.contents import STAT_FIELDS, null_statistics
+from probe_sweep.tracking.contents import STAT_FIELDS, statistics
 from probe_sweep.tracking.identity import (
     JobInfo,
     TrackerConfig,
@@ -52,18 +52,18 @@ def entries(metrics: dict[str, Any], name: str) -> dict[int, dict[str, Any]]:
     return {e["layer"]: e for e in metrics["statistics"]["entries"] if e["name"] == name}
 
 
-def test_null_statistics_are_the_entries_with_a_null() -> None:
+def test_statistics_are_the_entries_with_or_without_a_null() -> None:
     metrics = sample_metrics()
-    stats = {s["name"]: s for s in null_statistics(metrics)}
-    with_null = [e for e in metrics["statistics"]["entries"] if "p" in e]
-    assert 0 < len(with_null) < len(metrics["statistics"]["entries"])
-    assert set(stats) == {f"entries/{e['name']}/layer_{e['layer']}" for e in with_null}
+    stats = {s["name"]: s for s in statistics(metrics)}
+    every = metrics["statistics"]["entries"]
+    assert 0 < len([e for e in every if "p" in e]) < len(every)
+    assert set(stats) == {f"entries/{e['name']}/layer_{e['layer']}" for e in every}
     cosine = stats["entries/probe_embedding_cosine/layer_2"]
     expected = entries(metrics, "probe_embedding_cosine")[2]
     assert cosine["layer"] == 2 and cosine["p"] == expected["p"]
     assert cosine["p_floor"] == expected["p_floor"] and cosine["alternative"] == "greater"
     assert "ci" not in cosine  # scalars only
-    assert null_statistics(sample_metrics(statistics=False)) == []
+    assert statistics(sample_metrics(statistics=False)) == []
 
 
 def test_auto_mode_is_offline_without_a_key_and_online_with_one(
@@ -126,14 +126,15 @@ def test_a_job_is_one_run_with_everything_logged(tmp_path: Path, fake: FakeWandb
     assert by_layer[1]["by_layer/n_unseen"] == metrics["layers"][1]["n_unseen"]
     for absent in ("top1_ci", "probe", "converged"):
         assert f"by_layer/{absent}" not in by_layer[0]
-    # The null statistics of a layer are curves on the same axis; one without a null is not.
+    # The statistics of a layer are curves on the same axis, with their p where they have one.
+    for name in ("probe_embedding_cosine", "variance_share_bottom_half"):
+        found, key = entries(metrics, name), f"by_layer/statistics/entries/{name}"
+        assert {r["layer"]: r[f"{key}/observed"] for r in by_layer} == {
+            layer: e["observed"] for layer, e in found.items()
+        }
     cosine = entries(metrics, "probe_embedding_cosine")
-    key = "by_layer/null/entries/probe_embedding_cosine"
-    assert {r["layer"]: r[f"{key}/observed"] for r in by_layer} == {
-        layer: e["observed"] for layer, e in cosine.items()
-    }
-    assert by_layer[0][f"{key}/p"] == cosine[0]["p"]
-    assert not any(k.startswith("by_layer/null/entries/variance_share") for k in by_layer[0])
+    assert by_layer[0]["by_layer/statistics/entries/probe_embedding_cosine/p"] == cosine[0]["p"]
+    assert "by_layer/statistics/entries/variance_share_bottom_half/p" not in by_layer[0]
 
     # The solver's objective per probe, on an iteration x-axis, and in one chart.
     assert run.metrics["fit/*"].step_metric == "iteration"
@@ -151,9 +152,9 @@ def test_a_job_is_one_run_with_everything_logged(tmp_path: Path, fake: FakeWandb
     assert [row[:2] for row in per_layer.data] == [[0, "layer_0"], [1, "layer_1"], [2, "layer_2"]]
     training = run.logged("tables/training")
     assert len(training.data) == sum(len(f["history"]) for f in metrics["fits"].values())
-    nulls = run.logged("tables/null_statistics")
-    assert nulls.columns[:5] == ["name", *STAT_FIELDS]
-    assert len(nulls.data) == len(null_statistics(metrics))
+    stats = run.logged("tables/statistics")
+    assert stats.columns[:5] == ["name", *STAT_FIELDS]
+    assert len(stats.data) == len(statistics(metrics))
     images = {k: v for row in run.history for k, v in row.items() if k.startswith("images/")}
     assert set(images) == {
         "images/accuracy_by_layer",
@@ -168,7 +169,7 @@ def test_a_job_is_one_run_with_everything_logged(tmp_path: Path, fake: FakeWandb
     assert summary["top1_first"] == 0.9 and summary["top1_last"] == 0.6
     assert summary["top1_mean"] == pytest.approx((0.9 + 0.8 + 0.6) / 3)
     for field in STAT_FIELDS:
-        assert summary[f"null/entries/probe_embedding_cosine/layer_2/{field}"] == cosine[2][field]
+        assert summary[f"statistics/entries/probe_embedding_cosine/layer_2/{field}"] == cosine[2][field]
     assert summary["counts/n_train_tokens"] == metrics["counts"]["n_train_tokens"]
     assert summary["timing_s/fit"] == metrics["timing_s"]["fit"]
 
