@@ -169,7 +169,8 @@ def test_a_job_is_one_run_with_everything_logged(tmp_path: Path, fake: FakeWandb
     assert summary["top1_first"] == 0.9 and summary["top1_last"] == 0.6
     assert summary["top1_mean"] == pytest.approx((0.9 + 0.8 + 0.6) / 3)
     for field in STAT_FIELDS:
-        assert summary[f"statistics/entries/probe_embedding_cosine/layer_2/{field}"] == cosine[2][field]
+        key = f"statistics/entries/probe_embedding_cosine/layer_2/{field}"
+        assert summary[key] == cosine[2][field]
     assert summary["counts/n_train_tokens"] == metrics["counts"]["n_train_tokens"]
     assert summary["timing_s/fit"] == metrics["timing_s"]["fit"]
 
