@@ -127,12 +127,13 @@ def stop_interrupted(hydra_cfg: DictConfig, multirun: bool) -> NoReturn:
     an uncaught KeyboardInterrupt (status 130 in a shell, and a shell loop around the command
     stops too), without the traceback."""
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    fitted = jobdir.count_fits(out_dir)
+    fitted, part_way = jobdir.count_fits(out_dir), jobdir.count_kept_iterates(out_dir)
     again = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if multirun else f"hydra.run.dir={out_dir}"
     log.warning(
-        "Interrupted. Kept: the activation cache's complete entries and %s (%s). "
+        "Interrupted. Kept: the activation cache's complete entries and %s%s (%s). "
         "To resume, run the same command with %s",
         f"the {fitted} probe(s) fitted so far" if fitted else "no fitted probes yet",
+        f", and the last iterate of {part_way} fit(s) left part-way" if part_way else "",
         out_dir / jobdir.FITS,
         again,
     )

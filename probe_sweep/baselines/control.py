@@ -67,9 +67,10 @@ def control_probes(
         task = ProbeTask(inputs(TRAIN, layer).with_labels(labels[TRAIN]), targets)
         fit = previous = checkpoint.get_or_fit(
             name,
-            lambda task=task, layer=layer, init=previous: kind.fit(
-                task, config.reg, config.probe, None if init is None else init.probe,
-                f"layer {layer} control probe",
+            lambda unfinished, task=task, layer=layer, init=previous: kind.fit(
+                task, config.reg, config.probe,
+                unfinished.warm_start(None if init is None else init.probe),
+                f"layer {layer} control probe", unfinished.keep,
             ),
             shape=(len(targets), task.train.d),
         )  # fmt: skip

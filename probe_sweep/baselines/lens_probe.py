@@ -50,9 +50,9 @@ def lens_probe_scores(
         name = f"lens_layer_{layer}"
         fit = checkpoint.get_or_fit(
             name,
-            lambda guess=guess, layer=layer: kind.fit(
-                ProbeTask(guess(TRAIN), class_embeddings), config.reg, config.probe, None,
-                f"layer {layer} logit-lens probe",
+            lambda unfinished, guess=guess, layer=layer: kind.fit(
+                ProbeTask(guess(TRAIN), class_embeddings), config.reg, config.probe,
+                unfinished.warm_start(None), f"layer {layer} logit-lens probe", unfinished.keep,
             ),
             shape=(len(columns), len(columns)),
         )  # fmt: skip

@@ -130,8 +130,13 @@ def fit_identity_probes(
         )
         fits[name] = previous = checkpoint.get_or_fit(
             prefix + name,
-            lambda task=task, name=name, init=previous: kind.fit(
-                task, config.reg, config.probe, None if init is None else init.probe, prefix + name
+            lambda unfinished, task=task, name=name, init=previous: kind.fit(
+                task,
+                config.reg,
+                config.probe,
+                unfinished.warm_start(None if init is None else init.probe),
+                prefix + name,
+                unfinished.keep,
             ),
             shape=(task.n_classes, task.train.d),
         )

@@ -1,5 +1,6 @@
 """The probes an unfinished job has fitted, saved one file each under ``<job dir>/.fits`` so a
-requeued, preempted or killed job resumes after the last probe it finished.
+requeued, preempted or killed job resumes after the last probe it finished, and the last iterate
+of the fit it was in (``.fits/unfinished``), so that fit goes on from there.
 
 Each fit is a dataclass saved as safetensors: tensors and module state dicts as tensors, every
 other field as JSON in the file's metadata. Nothing is ever unpickled, so a file planted in a job
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 import typing
 from collections.abc import Callable
 from enum import Enum
@@ -26,13 +28,40 @@ from safetensors.torch import save
 
 from probe_sweep.files import write_bytes
 from probe_sweep.fingerprints import update_with_tensors
-from probe_sweep.jobs.jobdir import FIT_SUFFIX, FITS, discard_fits
-from probe_sweep.probes.linear import FitResult
+from probe_sweep.jobs.jobdir import FIT_SUFFIX, FITS, UNFINISHED, discard_fits
+from probe_sweep.probes.linear import FitResult, LinearProbe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_FIT_BYTES = 8 << 30  # a GPT-2-XL-sized probe over the whole vocabulary takes 0.3 GiB
 STAMP_BYTES = 64
+KEEP_EVERY_S = 120.0  # an interrupted fit loses at most this much of its progress (and a step)
+
+
+class Unfinished:
+    """Where an earlier attempt at one fit left off. ``start``: the probe at the last iterate it
+    kept (None when there is none); ``keep``: an ``on_step`` for the fit that keeps its current
+    iterate, at most once every ``every_s`` seconds. The file is verified like a finished fit's
+    and refused with one warning; it only ever serves as a warm start, so a fit that goes on
+    from it is certified like any other."""
+
+    def __init__(self, path: Path, start: LinearProbe | None, every_s: float) -> None:
+        self.path, self.start, self.every_s = path, start, every_s
+        self.kept_at = time.monotonic()
+
+    def warm_start(self, init: LinearProbe | None) -> LinearProbe | None:
+        """The kept iterate where there is one, else ``init``."""
+        return init if self.start is None else self.start
+
+    def keep(self, probe: LinearProbe) -> None:
+        now = time.monotonic()
+        if now - self.kept_at < self.every_s:
+            return
+        self.kept_at = now
+        try:
+            save_fit(self.path, FitResult(probe))
+        except Exception as exc:  # the fit goes on; only a resume would have used the file
+            log.warning("Could not keep the iterate of %s (%s)", self.path.stem, _brief(exc))
 
 
 class FitCheckpoint:
@@ -45,39 +74,77 @@ class FitCheckpoint:
     ``save_fit``). Nothing is ever unpickled, so a file planted in a job dir cannot run code; a
     file that does not read back as a ``kind`` is refused with one warning and fitted again.
     Files are kept under the job's content key: those of another config are dropped. ``discard``
-    once the results are written.
+    once the results are written. A fit still running keeps its iterate every ``keep_every_s``
+    seconds (``Unfinished``), and the next attempt goes on from it.
     """
 
     def __init__(
-        self, out_dir: Path, key: str, device: torch.device, kind: type[Any] = FitResult
+        self,
+        out_dir: Path,
+        key: str,
+        device: torch.device,
+        kind: type[Any] = FitResult,
+        keep_every_s: float = KEEP_EVERY_S,
     ) -> None:
         self.out_dir, self.dir, self.device, self.kind = out_dir, out_dir / FITS, device, kind
+        self.keep_every_s = keep_every_s
         stamp = self.dir / "key"
         if self.dir.is_symlink() or (self.dir.exists() and _read_stamp(stamp) != key):
             discard_fits(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         stamp.write_text(key)
 
-    def get_or_fit(self, name: str, fit: Callable[[], T], shape: tuple[int, ...] = ()) -> T:
-        """``fit()``'s value, saved under ``name``; read back instead when already saved, its
-        checksum and values verified (and ``shape``, when given, the probe weight's)."""
+    def get_or_fit(
+        self, name: str, fit: Callable[[Unfinished], T], shape: tuple[int, ...] = ()
+    ) -> T:
+        """``fit(unfinished)``'s value, saved under ``name``; read back instead when already
+        saved, its checksum and values verified (and ``shape``, when given, the probe weight's).
+        ``unfinished``: where an earlier attempt at this fit left off."""
         path = self.dir / f"{name}{FIT_SUFFIX}"
         if path.is_file() and not path.is_symlink():
             try:
-                value: T = load_fit(path, self.kind, self.device)
-                if shape and _probe_shape(value) != shape:
-                    raise ValueError(f"probe of shape {_probe_shape(value)}, this job's is {shape}")
+                value: T = self._read(path, self.kind, shape)
             except Exception as exc:  # unreadable, tampered with, or of another code version
                 log.warning("Refused saved probe %s (%s); fitting it again", path, _brief(exc))
             else:
                 log.info("Resumed %s from %s (fitted by an earlier attempt)", name, path)
                 return value
-        value = fit()
+        unfinished = self._unfinished(name, shape)
+        value = fit(unfinished)
         try:
             save_fit(path, value)
         except Exception as exc:  # the job goes on; only a resume would have used the file
             log.warning("Could not save %s for resuming (%s)", name, _brief(exc))
+        unfinished.path.unlink(missing_ok=True)
         return value
+
+    def _read(self, path: Path, kind: type[T], shape: tuple[int, ...]) -> T:
+        """A saved ``kind`` verified (and its probe weight's ``shape``, when given)."""
+        value = load_fit(path, kind, self.device)
+        if shape and _probe_shape(value) != shape:
+            raise ValueError(f"probe of shape {_probe_shape(value)}, this job's is {shape}")
+        return value
+
+    def _unfinished(self, name: str, shape: tuple[int, ...]) -> Unfinished:
+        """The iterate an earlier attempt at ``name`` kept, verified, and where to keep this
+        attempt's."""
+        folder = self.dir / UNFINISHED
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            folder.unlink()  # planted: a kept iterate is written here, never through a link
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{name}{FIT_SUFFIX}"
+        start = None
+        if path.is_file() and not path.is_symlink():
+            try:
+                kept = self._read(path, FitResult, shape)
+            except Exception as exc:
+                log.warning(
+                    "Refused the kept iterate %s (%s); fitting from the start", path, _brief(exc)
+                )
+            else:
+                log.info("Going on with %s from the iterate an earlier attempt kept", name)
+                start = kept.probe
+        return Unfinished(path, start, self.keep_every_s)
 
     def discard(self) -> None:
         discard_fits(self.out_dir)

@@ -43,6 +43,7 @@ TRACKED = "tracked.json"
 WANDB_RUN = "wandb_run.json"  # what the tracker writes where a run went (README)
 FITS = ".fits"
 FIT_SUFFIX = ".safetensors"
+UNFINISHED = "unfinished"  # under FITS: the last kept iterate of each fit not yet finished
 
 MAX_METRICS_BYTES = 1 << 30
 MAX_MARKER_BYTES = 1 << 20  # failed.json, skipped.json, tracked.json, wandb_run.json
@@ -279,6 +280,11 @@ def discard_fits(out_dir: Path) -> None:
 def count_fits(out_dir: Path) -> int:
     """How many probes an unfinished attempt saved for resuming."""
     return len(list((out_dir / FITS).glob(f"*{FIT_SUFFIX}")))
+
+
+def count_kept_iterates(out_dir: Path) -> int:
+    """How many fits an unfinished attempt left part-way, their last iterate kept."""
+    return len(list((out_dir / FITS / UNFINISHED).glob(f"*{FIT_SUFFIX}")))
 
 
 def note_skipped(out_dir: Path, done: Path, key: str) -> None:

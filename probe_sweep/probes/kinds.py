@@ -42,13 +42,18 @@ class ProbeTask:
         return len(self.targets)
 
 
-Fit = Callable[[ProbeTask, RegConfig, ProbeConfig, LinearProbe | None, str], FitResult]
+OnStep = Callable[[LinearProbe], None]
+Fit = Callable[
+    [ProbeTask, RegConfig, ProbeConfig, LinearProbe | None, str, OnStep | None], FitResult
+]
 
 
 @dataclass(frozen=True)
 class ProbeKind:
-    """``fit(task, reg, cfg, init, desc)``: the probe at the configured strength; ``init`` is
-    the previous fit of the same shape (a warm start a kind may ignore). ``penalties``: the
+    """``fit(task, reg, cfg, init, desc, on_step)``: the probe at the configured strength;
+    ``init`` is the previous fit of the same shape (a warm start a kind may ignore);
+    ``on_step``, when given, sees the probe at each iterate of an iterative fit (an interrupted
+    fit goes on from the last one kept). ``penalties``: the
     ``reg`` kinds its objective takes. ``compared_as``: what the statistics set against W_E,
     its weight rows in W_E's space ("rows") or its map into W_E's space ("map")."""
 
@@ -79,14 +84,24 @@ def check_penalty(name: str, reg: RegKind) -> None:
 
 
 def _softmax(
-    task: ProbeTask, reg: RegConfig, cfg: ProbeConfig, init: LinearProbe | None, desc: str
+    task: ProbeTask,
+    reg: RegConfig,
+    cfg: ProbeConfig,
+    init: LinearProbe | None,
+    desc: str,
+    on_step: OnStep | None = None,
 ) -> FitResult:
-    return fit_softmax_probe(task.train, task.n_classes, reg, cfg, init, desc)
+    return fit_softmax_probe(task.train, task.n_classes, reg, cfg, init, desc, on_step)
 
 
 def _ridge(
-    task: ProbeTask, reg: RegConfig, cfg: ProbeConfig, init: LinearProbe | None, desc: str
-) -> FitResult:
+    task: ProbeTask,
+    reg: RegConfig,
+    cfg: ProbeConfig,
+    init: LinearProbe | None,
+    desc: str,
+    on_step: OnStep | None = None,
+) -> FitResult:  # closed form: no iterates to keep
     return fit_ridge_probe(task.train, task.targets, reg, task.val, cfg.path_strengths)
 
 

@@ -10,6 +10,7 @@ Both probe kinds (``kinds.py``) end as a ``LinearProbe``: logits over a fixed se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -129,9 +130,11 @@ def fit_softmax_probe(
     cfg: ProbeConfig,
     init: LinearProbe | None = None,
     desc: str = "softmax probe",
+    on_step: Callable[[LinearProbe], None] | None = None,
 ) -> FitResult:
     """The softmax probe at the optimum of mean cross-entropy + penalty (see ``solver.py``),
-    with its certified gap in ``convergence``.
+    with its certified gap in ``convergence``. ``on_step`` sees the probe at every iterate the
+    fit moves to (a warm start for the same fit, should it be interrupted).
 
     ``init`` (a probe over the same classes and inputs of the same width, e.g. the previous
     layer's or the previous MDL block's) is a warm start: the same map from x to logits, put in
@@ -163,15 +166,20 @@ def fit_softmax_probe(
         bias = init.bias.detach()[present].to(problem.freq)
         bias = torch.where(torch.isfinite(bias), bias, problem.freq.log())
         start = (init.weight.detach()[present], bias)
-    (weight, bias), convergence, history = solver.minimise(
-        problem, start, cfg.tol, cfg.max_iter, desc
-    )
-    full_weight = weight.new_zeros(n_classes, rows.d)
-    full_bias = bias.new_full((n_classes,), -math.inf)
-    full_weight[present], full_bias[present] = weight, bias
+
+    def as_probe(params: softmax_problem.Params) -> LinearProbe:
+        weight, bias = params
+        full_weight = weight.new_zeros(n_classes, rows.d)
+        full_bias = bias.new_full((n_classes,), -math.inf)
+        full_weight[present], full_bias[present] = weight, bias
+        return LinearProbe(full_weight.to(mean), full_bias.to(mean), mean.to(device), scale)
+
+    params, convergence, history = solver.minimise(
+        problem, start, cfg.tol, cfg.max_iter, desc,
+        None if on_step is None else lambda params: on_step(as_probe(params)),
+    )  # fmt: skip
     convergence["absent_classes"] = n_classes - n_fitted
-    probe = LinearProbe(full_weight.to(mean), full_bias.to(mean), mean.to(device), scale)
-    return FitResult(probe=probe, convergence=convergence, history=history)
+    return FitResult(probe=as_probe(params), convergence=convergence, history=history)
 
 
 class RidgePath:

@@ -35,6 +35,7 @@ all left out with no curvature, and at thousands of classes their steps overshoo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,7 @@ def conjugate_gradient(
 
 Record = dict[str, float | int | bool | str | None]
 History = list[dict[str, float | None]]
+OnStep = Callable[[Params], None]  # called with each iterate the fit moves to
 
 
 def minimise(
@@ -122,11 +124,13 @@ def minimise(
     tol: float,
     max_iter: int,
     desc: str = "softmax probe",
+    on_step: OnStep | None = None,
 ) -> tuple[Params, Record, History]:
     """The probe minimising ``problem``'s objective from the better of ``start`` and the
     input-blind start, until its certified relative gap is at most ``tol`` or ``max_iter``
     iterations. Returns the parameters, the convergence record and, per iteration, the
-    objective and the estimated relative gap."""
+    objective and the estimated relative gap. ``on_step`` sees every iterate the fit moves to
+    (an interrupted fit can go on from the last one it kept)."""
     params, chosen = problem.start(), "zero"
     at = problem.evaluate(params)
     if start is not None:
@@ -138,7 +142,7 @@ def minimise(
     with FitProgress(desc) as progress:
         step = _fista if problem.l1 else _newton
         params, at, iterations, bound, estimate = step(
-            problem, params, at, tol, max_iter, history, progress
+            problem, params, at, tol, max_iter, history, progress, on_step or _ignore
         )
     gap = bound if bound is not None else estimate
     gap_rel = None if gap is None else gap / max(abs(at.value), 1e-300)
@@ -161,6 +165,10 @@ def minimise(
 Outcome = tuple[Params, Pass, int, float | None, float | None]  # + iterations, bound, estimate
 
 
+def _ignore(params: Params) -> None:
+    pass
+
+
 def _estimate(problem: SoftmaxProblem, at: Pass) -> float | None:
     """The gap the certificate will find once the bias is polished, to first order: for l2
     ||grad_W||^2 / (4 l2), for l1 the gap's float32 bound; None without a penalty."""
@@ -177,6 +185,7 @@ def _newton(
     max_iter: int,
     history: History,
     progress: FitProgress,
+    on_step: OnStep,
 ) -> Outcome:
     """Damped Newton-CG (see the module docstring). The damping shrinks tenfold after a step
     the quadratic model predicted well and grows after one it did not; a rejected step costs
@@ -226,6 +235,7 @@ def _newton(
         ratio = (at.value - trial.value) / predicted
         if ratio > 0 and math.isfinite(trial.value):
             params, at, polished = trial_params, trial, False
+            on_step(params)
         if ratio > 0.9:
             damping *= 0.1
         elif ratio > 0.5:
@@ -249,6 +259,7 @@ def _fista(
     max_iter: int,
     history: History,
     progress: FitProgress,
+    on_step: OnStep,
 ) -> Outcome:
     """Accelerated proximal gradient on smooth part + ``l1 * ||W||_1`` (Beck & Teboulle 2009)
     with the constant step 1/L, L = lambda_max(second moment of (x, 1)) / 2 (Boehning 1992),
@@ -284,5 +295,6 @@ def _fista(
         point = _axpy(ratio, _axpy(-1.0, current, candidate), candidate)
         current, momentum = candidate, following
         at = problem.evaluate(point, keep=False)
+        on_step(point)
     polished, checked, bound = problem.certify(point, tol, at.value)
     return polished, checked, iteration, bound, None

@@ -57,13 +57,13 @@ def assert_same(got: FitResult, want: FitResult) -> None:
 @pytest.mark.parametrize("map_weight", [True, False])
 def test_a_fit_round_trips_through_safetensors(tmp_path: Path, map_weight: bool) -> None:
     fit = a_fit(map_weight)
-    first = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: fit)
+    first = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda _: fit)
     assert first is fit
     saved = tmp_path / ".fits" / "layer_0.safetensors"
     with safe_open(str(saved), "pt") as f:
         assert "probe.weight" in f.keys() and f.metadata()["type"].endswith("FitResult")
 
-    def must_not_fit() -> FitResult:
+    def must_not_fit(_: object) -> FitResult:
         raise AssertionError("fitted again instead of reading the saved fit")
 
     resumed = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", must_not_fit)
@@ -97,7 +97,7 @@ def test_a_crafted_pickle_in_the_fits_dir_is_never_run(
     torch.save(Payload(marker), fits / "layer_0.safetensors")  # a pickle under the new name
     caplog.set_level(logging.WARNING, logger="probe_sweep.fitting.saved_fits")
     fit = a_fit()
-    got = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: fit)
+    got = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda _: fit)
     assert got is fit, "the crafted file was read back as a fit"
     assert not marker.exists(), "loading a saved fit ran code from a pickle"
     refused = [r for r in caplog.records if "Refused saved probe" in r.getMessage()]
@@ -110,7 +110,7 @@ def test_a_crafted_pickle_in_the_fits_dir_is_never_run(
 def test_a_saved_fit_with_tensors_missing_is_refused_and_fitted_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", a_fit)
+    saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda _: a_fit())
     path = tmp_path / ".fits" / "layer_0.safetensors"
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
@@ -118,7 +118,7 @@ def test_a_saved_fit_with_tensors_missing_is_refused_and_fitted_again(
     save_file(tensors, str(path), metadata=metadata)
     caplog.set_level(logging.WARNING, logger="probe_sweep.fitting.saved_fits")
     again = a_fit(map_weight=False)
-    got = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda: again)
+    got = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda _: again)
     assert got is again
     assert len([r for r in caplog.records if "Refused saved probe" in r.getMessage()]) == 1
 
@@ -165,11 +165,11 @@ def test_a_flipped_bit_in_a_saved_probe_is_refused_and_fitted_again(
 ) -> None:
     """One flipped bit used to be resumed silently (the low bit) or crash the job later (an
     exponent bit: inf in the weights). The checksum refuses both; the refit is the clean fit."""
-    saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", a_fit)
+    saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda _: a_fit())
     path = tmp_path / ".fits" / "layer_0.safetensors"
     flip_bit(path, tensor_offset(path, "probe.weight") + byte, bit)
     caplog.set_level(logging.WARNING, logger="probe_sweep.fitting.saved_fits")
-    got = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", a_fit)
+    got = saved_fits.FitCheckpoint(tmp_path, "key", CPU).get_or_fit("layer_0", lambda _: a_fit())
     [message] = refused(caplog)
     assert "checksum mismatch" in message and "fitting it again" in message
     assert_same(got, a_fit())
@@ -206,7 +206,7 @@ def test_a_saved_fit_with_a_valid_checksum_and_bad_values_is_refused(
         assert name == "history-with-nan"
         return
     caplog.set_level(logging.WARNING, logger="probe_sweep.fitting.saved_fits")
-    assert_same(checkpoint.get_or_fit("layer_0", a_fit), a_fit())
+    assert_same(checkpoint.get_or_fit("layer_0", lambda _: a_fit()), a_fit())
     assert len(refused(caplog)) == 1, caplog.text
 
 
@@ -214,10 +214,10 @@ def test_a_saved_fit_of_another_shape_than_the_jobs_is_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     checkpoint = saved_fits.FitCheckpoint(tmp_path, "key", CPU)
-    checkpoint.get_or_fit("layer_0", a_fit, shape=(5, 4))
+    checkpoint.get_or_fit("layer_0", lambda _: a_fit(), shape=(5, 4))
     caplog.set_level(logging.WARNING, logger="probe_sweep.fitting.saved_fits")
     wider = with_probe(weight=torch.zeros(5, 6), mean=torch.zeros(6))
-    got = checkpoint.get_or_fit("layer_0", lambda: wider, shape=(5, 6))
+    got = checkpoint.get_or_fit("layer_0", lambda _: wider, shape=(5, 6))
     assert got is wider
     [message] = refused(caplog)
     assert "(5, 4)" in message and "(5, 6)" in message
@@ -241,7 +241,63 @@ def test_huge_files_in_the_fits_dir_are_not_read(
     with open(fits / "layer_1.safetensors", "wb") as f:
         f.truncate(saved_fits.MAX_FIT_BYTES + 1)
     caplog.set_level(logging.WARNING, logger="probe_sweep.fitting.saved_fits")
-    assert checkpoint.get_or_fit("layer_1", a_fit) is not None
+    assert checkpoint.get_or_fit("layer_1", lambda _: a_fit()) is not None
     assert "more than a saved fit may take" in refused(caplog)[0]
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 200_000, f"peak memory grew by {grown_kib} KiB"
+
+
+class Killed(Exception):
+    """The job dies mid-fit."""
+
+
+def test_an_interrupted_fit_goes_on_from_the_iterate_it_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fit killed after some steps has kept its last iterate; the next attempt starts from it,
+    takes fewer iterations and reaches the same certified optimum, and the kept file goes once
+    the fit is saved. A kept iterate that was tampered with is refused: the fit starts over."""
+    from probe_sweep.probes.kinds import ProbeTask, probe_kind
+    from probe_sweep.probes.linear import ProbeConfig, RegConfig
+    from tests.memory_rows import in_memory
+    from tests.probes.test_solver import ill_conditioned
+
+    x, y = ill_conditioned()
+    task, kind = ProbeTask(in_memory(x, y), torch.zeros(60, 1)), probe_kind("softmax")
+    reg, cfg, shape = RegConfig(), ProbeConfig(), (60, 24)
+    kept = tmp_path / ".fits" / "unfinished" / "layer_0.safetensors"
+
+    def attempt(kill_after: int | None = None) -> FitResult:
+        def fit(unfinished: saved_fits.Unfinished) -> FitResult:
+            steps: list[LinearProbe] = []
+
+            def keep(probe: LinearProbe) -> None:
+                unfinished.keep(probe)
+                steps.append(probe)
+                if len(steps) == kill_after:
+                    raise Killed
+
+            return kind.fit(task, reg, cfg, unfinished.warm_start(None), "layer_0", keep)
+
+        checkpoint = saved_fits.FitCheckpoint(tmp_path, "key", CPU, keep_every_s=0)
+        return checkpoint.get_or_fit("layer_0", fit, shape=shape)
+
+    cold = kind.fit(task, reg, cfg, None, "cold", None).convergence
+    with pytest.raises(Killed):
+        attempt(kill_after=cold["iterations"] - 3)
+    assert kept.is_file()
+    resumed = attempt().convergence
+    assert resumed["init"] == "warm" and resumed["certified"]
+    assert resumed["iterations"] < cold["iterations"] - 2, (resumed, cold)
+    assert resumed["objective"] == pytest.approx(cold["objective"], rel=2 * cfg.tol)
+    assert not kept.exists()
+
+    (tmp_path / ".fits" / "layer_0.safetensors").unlink()
+    with pytest.raises(Killed):
+        attempt(kill_after=2)
+    data = bytearray(kept.read_bytes())
+    data[-1] ^= 0xFF
+    kept.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING, logger="probe_sweep.fitting.saved_fits")
+    assert attempt().convergence["init"] == "zero"
+    assert "Refused the kept iterate" in caplog.text

@@ -196,11 +196,11 @@ def test_saved_probes_of_another_config_are_not_read_back(tmp_path: Path) -> Non
     saved, again = a_fit(), a_fit(map_weight=False)
 
     def fit_and_save(key: str) -> None:
-        FitCheckpoint(tmp_path, key, torch.device("cpu")).get_or_fit("layer_0", lambda: saved)
+        FitCheckpoint(tmp_path, key, torch.device("cpu")).get_or_fit("layer_0", lambda _: saved)
 
     def read_back(key: str) -> object:
         checkpoint = FitCheckpoint(tmp_path, key, torch.device("cpu"))
-        return checkpoint.get_or_fit("layer_0", lambda: again)
+        return checkpoint.get_or_fit("layer_0", lambda _: again)
 
     fit_and_save("key-a")
     resumed = read_back("key-a")
