@@ -94,14 +94,8 @@ def _softmax(
     return fit_softmax_probe(task.train, task.n_classes, reg, cfg, init, desc, on_step)
 
 
-def _ridge(
-    task: ProbeTask,
-    reg: RegConfig,
-    cfg: ProbeConfig,
-    init: LinearProbe | None,
-    desc: str,
-    on_step: OnStep | None = None,
-) -> FitResult:  # closed form: no iterates to keep
+def _ridge(task: ProbeTask, reg: RegConfig, cfg: ProbeConfig, *_: object) -> FitResult:
+    """Closed form: no warm start to use, no iterates to keep."""
     return fit_ridge_probe(task.train, task.targets, reg, task.val, cfg.path_strengths)
 
 

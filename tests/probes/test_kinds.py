@@ -12,14 +12,7 @@ import torch
 
 from probe_sweep.errors import UserError
 from probe_sweep.probes import kinds
-from probe_sweep.probes.kinds import (
-    KINDS,
-    OnStep,
-    ProbeKind,
-    ProbeTask,
-    check_penalty,
-    register,
-)
+from probe_sweep.probes.kinds import KINDS, ProbeKind, ProbeTask, check_penalty, register
 from probe_sweep.probes.linear import (
     FitResult,
     LinearProbe,
@@ -34,15 +27,10 @@ FITTED: list[str] = []  # the descriptions of the probes class_means fitted
 
 
 def class_means(
-    task: ProbeTask,
-    reg: RegConfig,
-    cfg: ProbeConfig,
-    init: LinearProbe | None,
-    desc: str,
-    on_step: OnStep | None = None,
+    task: ProbeTask, reg: RegConfig, cfg: ProbeConfig, init: object, desc: str, *_: object
 ) -> FitResult:
     """Nearest class mean in the standardised inputs: logits -||x - m_c||^2 / 2 up to a
-    constant; a class no row has gets bias -inf."""
+    constant; a class no row has gets bias -inf (closed form: no iterates to keep)."""
     FITTED.append(desc)
     rows = task.train.labelled()
     mean, scale = standardisation(rows)
