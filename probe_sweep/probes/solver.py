@@ -6,12 +6,14 @@ not penalised. Classes no training row carries have no finite optimum (their pro
 infimum is 0): they are left out of the fit, exactly, with weight 0 and bias -inf.
 
 - l2 and none: Newton's method with conjugate-gradient steps, damped (Levenberg-Marquardt) by
-  the change of the logits the step causes, a trust region in that metric. CG is preconditioned
-  by a per-class model of the curvature: ``c_k Sigma + c_k m_k m_k' + 2 l2`` with Sigma = V S V'
-  the inputs' covariance (one eigendecomposition per fit), c_k the class's mean p(1-p) and m_k
-  the inputs' mean weighted by it. It commutes with rotations of the inputs, so a fit in a
-  rotated basis is the same fit rotated. Hessian-vector products are exact, over every row, in
-  the rows' precision: they reuse the probabilities the last gradient pass kept.
+  the change of the logits the step causes, a trust region in that metric; a step that raises
+  the objective is tried shorter (up to three passes) before the damping grows.
+  CG is preconditioned by a per-class model of the curvature: ``c_k Sigma + c_k m_k m_k' +
+  2 l2`` with Sigma = V S V' the inputs' covariance (one eigendecomposition per fit), c_k the
+  class's mean p(1-p) and m_k the inputs' mean weighted by it. It commutes with rotations of
+  the inputs, so a fit in a rotated basis is the same fit rotated. Hessian-vector products are
+  exact, over every row, in the rows' precision: they reuse the probabilities the last
+  gradient pass kept.
 - l1: FISTA (constant step from Boehning's curvature bound, gradient restart).
 
 The stopping rule is a certificate on the objective: the duality gap P(W, b) - D(U) >= f - f*,
@@ -188,12 +190,13 @@ def _newton(
     on_step: OnStep,
 ) -> Outcome:
     """Damped Newton-CG (see the module docstring). The damping shrinks tenfold after a step
-    the quadratic model predicted well and grows after one it did not; a rejected step costs
-    one pass. Passes are in float32 until the predicted decrease falls below what float32
-    resolves of the objective, then in float64. The float64 certificate is taken when the
-    pass's own bound is within ``tol``, or when the weight's part of it is and a bias polish
-    may close the rest; a failed certificate goes on from the polished point. Without a
-    penalty the fit stops when the Newton decrement's estimate of f - f* is within ``tol``."""
+    the quadratic model predicted well and grows after one it did not; a rejected step is
+    tried at fractions of its length (``backtrack``, up to three passes). Passes are in
+    float32 until the predicted decrease falls below what float32 resolves of the objective,
+    then in float64. The float64 certificate is taken when the pass's own bound is within
+    ``tol``, or when the weight's part of it is and a bias polish may close the rest; a failed
+    certificate goes on from the polished point. Without a penalty the fit stops when the
+    Newton decrement's estimate of f - f* is within ``tol``."""
     damping, bound, decrement = 0.1, None, None
     grad0 = math.sqrt(_dot((at.grad_w, at.grad_b), (at.grad_w, at.grad_b)))
     polished = False  # since the last step
@@ -233,8 +236,13 @@ def _newton(
         trial_params = _axpy(1.0, step, params)
         trial = problem.evaluate(trial_params)
         ratio = (at.value - trial.value) / predicted
-        if ratio > 0 and math.isfinite(trial.value):
-            params, at, polished = trial_params, trial, False
+        accepted = (trial_params, trial) if ratio > 0 else None
+        if accepted is None:  # a few passes along the step before a new CG solve, more damped
+            value = trial.value
+            del trial  # a step holds at most two passes' probabilities
+            accepted = backtrack(problem, params, at, step, value)
+        if accepted is not None:
+            (params, at), polished = accepted, False
             on_step(params)
         if ratio > 0.9:
             damping *= 0.1
@@ -245,6 +253,30 @@ def _newton(
     if problem.l2 and (bound is None or bound > tol * abs(at.value)):
         params, at, bound = problem.certify(params, tol, at.value)
     return params, at, iteration, bound, decrement
+
+
+def backtrack(
+    problem: SoftmaxProblem, params: Params, at: Pass, step: Params, value: float, tries: int = 3
+) -> tuple[Params, Pass] | None:
+    """A point part of the way along a rejected ``step`` (``value``: the objective at its end)
+    that lowers the objective, and its pass; None if ``tries`` passes find none. Each try goes
+    to the minimum of the quadratic through the objective at the start, its slope there and
+    the last point tried, kept within [0.1, 0.5] of that point's fraction of the step. A new CG
+    solve with more damping costs up to 200 Hessian products."""
+    slope, t = _dot((at.grad_w, at.grad_b), step), 1.0
+    for _ in range(tries):
+        curvature = (value - at.value - slope * t) / t**2
+        fraction = 0.1
+        if math.isfinite(curvature) and curvature > 0:
+            fraction = min(0.5, max(0.1, -slope / (2 * curvature * t)))
+        t *= fraction
+        shorter = _axpy(t, step, params)
+        there = problem.evaluate(shorter)
+        if there.value < at.value:
+            return shorter, there
+        value = there.value
+        del there  # a step holds at most two passes' probabilities
+    return None
 
 
 def _ratio(value: float | None, scale: float) -> float | None:

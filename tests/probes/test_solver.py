@@ -297,6 +297,33 @@ def test_chunk_size_follows_the_memory_budget() -> None:
     assert softmax_problem.chunk_rows(1, d=1600, n_classes=50257) == 64  # never below 64 rows
 
 
+@pytest.mark.parametrize("overshoot", [5.0, 20.0])
+def test_a_step_that_raises_the_objective_is_tried_shorter_in_a_few_passes(
+    overshoot: float,
+) -> None:
+    """A Newton step stretched until it raises the objective: ``backtrack`` finds a point
+    along it that lowers it within three passes; along an ascent direction it finds none."""
+    x, y, _ = overlapping()
+    mean, scale = standardisation(in_memory(x, y))
+    problem = softmax_problem.SoftmaxProblem(in_memory(x, y), 12, mean, scale, 1e-3, 0.0, 257)
+    start = problem.start()
+    at = problem.evaluate(start)
+    newton, _ = solver.conjugate_gradient(problem, at, 0.0, 1e-3, 200)
+    for sign, lowers in ((1.0, True), (-1.0, False)):
+        step = (sign * overshoot * newton[0], sign * overshoot * newton[1])
+        end = problem.evaluate((start[0] + step[0], start[1] + step[1])).value
+        assert end > at.value
+        passes = problem.passes
+        found = solver.backtrack(problem, start, at, step, end)
+        assert (found is not None) == lowers
+        assert problem.passes - passes <= 3
+        if found is not None:
+            point, there = found
+            assert there.value < at.value
+            fraction = ((point[1] - start[1]).norm() / step[1].norm()).item()
+            assert 0 < fraction <= 0.5
+
+
 def test_a_warm_start_is_used_only_where_it_beats_the_input_blind_start() -> None:
     x, y, centres = overlapping()
     reg = RegConfig(RegKind.l2, 1e-3)
