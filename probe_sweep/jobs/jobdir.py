@@ -50,11 +50,15 @@ MAX_MARKER_BYTES = 1 << 20  # failed.json, skipped.json, tracked.json, wandb_run
 SCHEMA_VERSION = 3  # of metrics.json (README); part of every job's content key
 # The one list of config keys outside a job's identity (its content key, the W&B config hash, the
 # job dir's name): they change where, how fast or how a job is tracked and tuned, not its numbers.
-# ``device`` moves the arithmetic (float rounding, not results); ``tuning`` names the study and
-# trial a job reports to and which metric it returns, read from the same results either way.
+# ``device``, ``probe.memory_mb`` and ``probe.chunk_mb`` move the arithmetic (where it runs, how
+# rows are held and summed: float rounding, not results; every fit is certified to its tolerance
+# either way), so a job can be resumed on more memory; ``tuning`` names the study and trial a job
+# reports to and which metric it returns, read from the same results either way.
 NOT_IN_KEY: tuple[str, ...] = (
     "redo",
     "device",
+    "probe.memory_mb",
+    "probe.chunk_mb",
     "tracker",
     "tuning",
     "activations.cache_dir",

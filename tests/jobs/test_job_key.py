@@ -17,6 +17,7 @@ RESOLVED = {
     "device": "auto",
     "redo": False,
     "reg": {"kind": "l2", "strength": 1e-6},
+    "probe": {"kind": "softmax", "tol": 1e-6, "memory_mb": 4096, "chunk_mb": 64},
     "activations": {"cache_dir": "/a", "batch_size": 8, "dtype": "float32"},
     "tracker": {"mode": "offline"},
     "tuning": {"objective": "val_nll", "study": "s", "storage": "sqlite:////x", "trial_id": 3},
@@ -43,14 +44,22 @@ def test_settings_outside_the_key_leave_it_alone_and_the_rest_change_it() -> Non
         ("tuning.trial_id", 9),
         ("activations.cache_dir", "/b"),
         ("activations.batch_size", 64),
+        ("probe.memory_mb", 20_000),
+        ("probe.chunk_mb", 8),
     ]:
         assert jobdir.job_key(changed(dotted, value), 1) == key, dotted
-    for dotted, value in [("reg.strength", 1e-3), ("seed", 1), ("activations.dtype", "bf16")]:
+    for dotted, value in [
+        ("reg.strength", 1e-3),
+        ("seed", 1),
+        ("activations.dtype", "bf16"),
+        ("probe.tol", 1e-8),
+    ]:
         assert jobdir.job_key(changed(dotted, value), 1) != key, dotted
     assert jobdir.job_key(RESOLVED, 2) != key, "the schema version is part of the key"
     content = jobdir.keyed_content(RESOLVED)
     assert "tuning" not in content and "device" not in content
     assert content["activations"] == {"dtype": "float32"}
+    assert content["probe"] == {"kind": "softmax", "tol": 1e-6}
     assert RESOLVED["activations"]["batch_size"] == 8, "the caller's config was changed"
 
 
